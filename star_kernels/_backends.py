@@ -1,0 +1,67 @@
+"""Backend resolution: which implementation of the row ops runs."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "cpp")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not installed, not built, wrong device)."""
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    # Triton's interpreter runs kernels on CPU tensors (how CI tests them).
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def cpp_available() -> bool:
+    try:
+        importlib.import_module("star_kernels._C")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Map ``backend`` (possibly ``"auto"``) to a concrete backend for ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and cpp_available():
+            return "cpp"
+        return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise BackendUnavailableError(
+                "backend 'triton' is unavailable: the triton package is not installed")
+        if not _triton_runs_on(device):
+            raise BackendUnavailableError(
+                f"backend 'triton' is unavailable for {device.type} tensors: it needs CUDA "
+                "tensors (or TRITON_INTERPRET=1 for CPU tensors, slow, for testing)")
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise BackendUnavailableError(
+                f"backend 'cpp' is unavailable for {device.type} tensors: it runs on CPU only")
+        if not cpp_available():
+            raise BackendUnavailableError(
+                "backend 'cpp' is unavailable: the C++ extension star_kernels._C was not "
+                "built (reinstall with a C++ compiler and ninja present)")
+    return backend
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes of chunk workspace when the caller does not set ``memory_budget``."""
+    return (1 << 30) if device.type == "cuda" else (256 << 20)
