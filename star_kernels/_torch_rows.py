@@ -80,3 +80,84 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
     if g.data_ptr() != logits.data_ptr():
         logits.copy_(g)
     return (loss,), logits
+
+
+# ---------------------------------------------------------------------------
+# Top-k log-probs and per-token log-probs / entropy (same contracts as the
+# C++ rows in _cpp_rows.py; the op modules adapt them to the chunk loop).
+
+
+def topk_workspace_bytes(dtype: torch.dtype) -> int:
+    """Bytes per logit for :func:`topk_rows`: the chunk and a float copy."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return item + _compute_dtype(dtype).itemsize
+
+
+def topk_rows(logits, k: int, temperature: float):
+    """The ``k`` largest log-probs of ``log_softmax(logits / temperature)`` per row.
+
+    Returns ``(ids int64 [C, k], logprobs float32 [C, k])`` sorted descending;
+    equal values keep ascending id order.
+    """
+    ctype = _compute_dtype(logits.dtype)
+    z = logits.to(ctype)
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, 1, keepdim=True)
+    # torch.topk's order among equal values is unspecified: sort the winners
+    # stably (they arrive in ascending id order from a stable full sort only).
+    vals, ids = z.topk(k, dim=1, sorted=False)
+    ids, order = ids.sort(1)
+    vals = vals.gather(1, order)
+    vals, order = vals.sort(dim=1, descending=True, stable=True)
+    ids = ids.gather(1, order)
+    return ids, (vals - lse).float()
+
+
+def logprob_workspace_bytes(dtype: torch.dtype) -> int:
+    """Bytes per logit for :func:`logprob_rows`: the chunk, a float copy, one float buffer."""
+    item = torch.empty((), dtype=dtype).element_size()
+    float_copy = 0 if dtype in (torch.float32, torch.float64) else 4
+    return item + float_copy + _compute_dtype(dtype).itemsize
+
+
+def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
+                 grad_logp=None, grad_entropy=None):
+    """Per-row ``log q[id]`` (and entropy of ``q``) for ``q = softmax(logits / T)``.
+
+    Returns ``(logp [C], entropy [C] or None, dlogits or None)``. When
+    ``grad_logp`` (or ``grad_entropy``) is given, ``logits`` is overwritten with
+    d(sum_r grad_logp[r] * logp[r] + grad_entropy[r] * H[r]) / d(logits)
+    ``= (grad_logp * (onehot - q) - grad_entropy * q * (log q + H)) / T``;
+    a missing one of the two counts as zero.
+    """
+    ctype = _compute_dtype(logits.dtype)
+    z = logits if logits.dtype == ctype else logits.to(ctype)
+    if temperature != 1.0:
+        z.mul_(1.0 / temperature)
+    ids = token_ids.long()[:, None]
+    lse = torch.logsumexp(z, 1, keepdim=True)
+    logp = (z.gather(1, ids) - lse)[:, 0]
+    with_grad = grad_logp is not None or grad_entropy is not None
+    if not (want_entropy or with_grad):
+        return logp, None, None
+    logq = z.sub_(lse)
+    q = logq.exp()
+    entropy = -torch.bmm(q.unsqueeze(1), logq.unsqueeze(2)).view(-1)
+    if not with_grad:
+        return logp, (entropy if want_entropy else None), None
+    inv_t = 1.0 / temperature
+    if grad_entropy is not None:
+        ge = grad_entropy.to(ctype)[:, None] * inv_t
+        # -ge * q * (log q + H) - gl * q, built in the log q buffer.
+        g = logq.add_(entropy[:, None]).mul_(-ge)
+        if grad_logp is not None:
+            g.sub_(grad_logp.to(ctype)[:, None] * inv_t)
+        g.mul_(q)
+    else:
+        g = q.mul_(-grad_logp.to(ctype)[:, None] * inv_t)
+    if grad_logp is not None:
+        g.scatter_add_(1, ids, grad_logp.to(ctype)[:, None] * inv_t)
+    if g.data_ptr() != logits.data_ptr():
+        logits.copy_(g)
+    return logp, (entropy if want_entropy else None), logits

@@ -136,7 +136,7 @@ def fused_linear_ckd_loss(
         reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"``
             (per-token losses in the token shape, 0 where masked).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpp"``.
-        memory_budget: bytes of transient chunk workspace (default 1 GiB on
+        memory_budget: bytes of transient chunk workspace (default 512 MiB on
             CUDA, 256 MiB on CPU).
 
     Returns the loss in float32 (float64 for float64 inputs).
