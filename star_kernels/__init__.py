@@ -2,6 +2,10 @@
 
 from ._backends import BackendUnavailableError
 from .ckd import FusedLinearCKDLoss, fused_linear_ckd_loss
+from .grpo import fused_linear_grpo_loss
+from .logprobs import fused_linear_logprobs
+from .topk import fused_linear_topk_logprobs
 
-__all__ = ["BackendUnavailableError", "FusedLinearCKDLoss", "fused_linear_ckd_loss"]
+__all__ = ["BackendUnavailableError", "FusedLinearCKDLoss", "fused_linear_ckd_loss",
+           "fused_linear_grpo_loss", "fused_linear_logprobs", "fused_linear_topk_logprobs"]
 __version__ = "0.1.0"

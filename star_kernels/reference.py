@@ -37,8 +37,8 @@ def ckd_token_losses(
     logq_s = logq.gather(1, teacher_ids)
     fkl = (p * (safe_lp - logq_s)).sum(1)
 
-    hits = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
-    in_teacher = hits.scatter_add_(1, teacher_ids, finite.long()) > 0
+    hits = torch.zeros(logits.shape, dtype=torch.uint8, device=logits.device)
+    in_teacher = hits.scatter_reduce_(1, teacher_ids, finite.to(torch.uint8), "amax").bool()
     with torch.no_grad():
         scaled = logits.detach() / temperature
         threshold = scaled.topk(student_topm, dim=1).values[:, -1:]
