@@ -16,7 +16,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def ckd_workspace_bytes(dtype: torch.dtype) -> int:
-    """Bytes per logit this op needs: the chunk, a float copy, a float and a bool mask."""
+    """Bytes per logit this op needs: the chunk, a float copy, a bool mask, q on M."""
     item = torch.empty((), dtype=dtype).element_size()
     float_copy = 0 if dtype in (torch.float32, torch.float64) else 4
     return item + float_copy + 2 * _compute_dtype(dtype).itemsize + 1
@@ -31,24 +31,32 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
     lam, mix = cfg.tail_coef, cfg.kd_ratio
 
     threshold = z.topk(cfg.student_topm, dim=1, sorted=False).values.amin(1, keepdim=True)
-    lse = torch.logsumexp(z, 1, keepdim=True)
+    confident = z >= threshold
     ids = teacher_ids.long()
+    z_s = z.gather(1, ids)
+    if mix < 1.0:
+        keep = (labels != cfg.ignore_index).to(ctype)
+        safe_labels = torch.where(keep > 0, labels, 0).long()[:, None]
+        z_label = z.gather(1, safe_labels)[:, 0]
+
+    # Softmax in place, one pass per step (torch.logsumexp would add temporaries).
+    row_max = z.amax(1, keepdim=True)
+    q = z.sub_(row_max).exp_()
+    sum_exp = q.sum(1, keepdim=True)
+    q.mul_(sum_exp.reciprocal())
+    lse = row_max + sum_exp.log()
+
     tlp = teacher_logprobs.to(ctype)
     ranked = torch.isfinite(tlp)
     p = torch.where(ranked, tlp.exp(), 0.0)
-    z_s = z.gather(1, ids)
     logq_s = z_s - lse
     q_s = torch.where(ranked, logq_s.exp(), 0.0)
     fkl = torch.where(ranked, p * (tlp - logq_s), 0.0).sum(1)
     s_confident = ranked & (z_s >= threshold)
     if mix < 1.0:
-        keep = (labels != cfg.ignore_index).to(ctype)
-        safe_labels = torch.where(keep > 0, labels, 0).long()[:, None]
-        ce = torch.where(keep > 0, lse[:, 0] - z.gather(1, safe_labels)[:, 0], 0.0)
-
-    confident = (z >= threshold).to(ctype)
-    q = z.sub_(lse).exp_()
-    confident_mass = torch.bmm(q.unsqueeze(1), confident.unsqueeze(2)).view(-1)
+        ce = keep * (lse[:, 0] - z_label)
+    q_confident = torch.where(confident, q, 0.0)  # q on M; reused by the gradient
+    confident_mass = q_confident.sum(1)
     mistake_mass = confident_mass - (q_s * s_confident).sum(1)
     loss = fkl + lam * mistake_mass
 
@@ -72,7 +80,7 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
     if mix < 1.0:
         dense = dense + (1.0 - mix) * keep
     dense = dense * s
-    g = q.mul_(confident.mul_((mix * lam) * s[:, None]).add_(dense[:, None]))
+    g = q.mul_(dense[:, None]).addcmul_(q_confident, (mix * lam) * s[:, None])
     at_teacher = mix * (tail_ratio[:, None] * q_s - p - lam * q_s * s_confident)
     g.scatter_add_(1, ids, at_teacher * s[:, None])
     if mix < 1.0:
@@ -103,7 +111,7 @@ def topk_rows(logits, k: int, temperature: float):
     z = logits.to(ctype)
     if temperature != 1.0:
         z = z / temperature
-    lse = torch.logsumexp(z, 1, keepdim=True)
+    row_max = z.amax(1, keepdim=True)
     # torch.topk's order among equal values is unspecified: sort the winners
     # stably (they arrive in ascending id order from a stable full sort only).
     vals, ids = z.topk(k, dim=1, sorted=False)
@@ -136,7 +144,7 @@ def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
     if temperature != 1.0:
         z.mul_(1.0 / temperature)
     ids = token_ids.long()[:, None]
-    lse = torch.logsumexp(z, 1, keepdim=True)
+    row_max = z.amax(1, keepdim=True)
     logp = (z.gather(1, ids) - lse)[:, 0]
     with_grad = grad_logp is not None or grad_entropy is not None
     if not (want_entropy or with_grad):
