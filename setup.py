@@ -26,7 +26,7 @@ if mode not in ("0", "false", "no") and sources:
         openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
         ext_modules = [CppExtension(
             "star_kernels._C", sources,
-            extra_compile_args=["-O3", "-std=c++17", *openmp],
+            extra_compile_args=["-O3", *openmp],
             extra_link_args=openmp,
         )]
         cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
