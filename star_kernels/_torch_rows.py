@@ -111,7 +111,7 @@ def topk_rows(logits, k: int, temperature: float):
     z = logits.to(ctype)
     if temperature != 1.0:
         z = z / temperature
-    row_max = z.amax(1, keepdim=True)
+    lse = torch.logsumexp(z, 1, keepdim=True)
     # torch.topk's order among equal values is unspecified: sort the winners
     # stably (they arrive in ascending id order from a stable full sort only).
     vals, ids = z.topk(k, dim=1, sorted=False)
@@ -144,13 +144,16 @@ def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
     if temperature != 1.0:
         z.mul_(1.0 / temperature)
     ids = token_ids.long()[:, None]
-    row_max = z.amax(1, keepdim=True)
-    logp = (z.gather(1, ids) - lse)[:, 0]
+    # log-softmax in place; q is the one extra buffer.
+    z.sub_(z.amax(1, keepdim=True))
+    q = z.exp()
+    sum_exp = q.sum(1, keepdim=True)
+    logq = z.sub_(sum_exp.log())
+    logp = logq.gather(1, ids)[:, 0]
     with_grad = grad_logp is not None or grad_entropy is not None
     if not (want_entropy or with_grad):
         return logp, None, None
-    logq = z.sub_(lse)
-    q = logq.exp()
+    q.div_(sum_exp)
     entropy = -torch.bmm(q.unsqueeze(1), logq.unsqueeze(2)).view(-1)
     if not with_grad:
         return logp, (entropy if want_entropy else None), None
