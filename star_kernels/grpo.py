@@ -1,0 +1,189 @@
+"""Fused linear GRPO loss: PPO-clipped policy loss + KL to a reference, from hidden states.
+
+The loss is a cheap elementwise function of the per-token log-probs of the
+sampled tokens, so it is built on :func:`star_kernels.fused_linear_logprobs`'s
+autograd: only the masked-in tokens are evaluated, and no ``[tokens, vocab]``
+tensor exists in the forward or the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backends, _validation as V
+from .logprobs import check_logprob_args, logprobs_rows
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGS = ("token_mean", "seq_mean", "dr_grpo")
+
+
+def _clip_range(clip_eps):
+    if isinstance(clip_eps, (tuple, list)):
+        if len(clip_eps) != 2:
+            raise ValueError(f"clip_eps must be a number or a (low, high) pair, got {clip_eps!r}")
+        low, high = clip_eps
+    else:
+        low = high = clip_eps
+    for x in (low, high):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x < float("inf"):
+            raise ValueError(f"clip_eps must be finite and >= 0, got {clip_eps!r}")
+    return float(low), float(high)
+
+
+def _check_finite_where(name, t, keep):
+    bad = ~torch.isfinite(t)
+    if keep is not None:
+        bad &= keep
+    if bad.any():
+        kind = "NaN" if torch.isnan(t[bad]).any() else "inf"
+        raise ValueError(f"{name} holds {kind} at a masked-in token")
+
+
+def _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs,
+                     bias, temperature, kl_coef, kl_estimator, loss_agg, memory_budget):
+    check_logprob_args(hidden, weight, token_ids, bias, temperature, memory_budget)
+    token_shape, device = hidden.shape[:-1], hidden.device
+    V.check_token_tensor("mask", mask, token_shape, device,
+                         (torch.bool, torch.uint8, torch.int32, torch.int64))
+    keep = mask != 0
+    V.check_ids_in_vocab("token_ids", token_ids[keep], weight.shape[0])
+    if not isinstance(advantages, torch.Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    if hidden.dim() == 3 and advantages.dim() == 1:
+        V.check_token_tensor("advantages", advantages, token_shape[:1], device, V.FLOAT_DTYPES)
+        _check_finite_where("advantages", advantages, None)
+    else:
+        if advantages.dim() != len(token_shape):
+            per_seq = f"[B]={list(token_shape[:1])} or " if hidden.dim() == 3 else ""
+            raise ValueError(f"advantages must have shape {per_seq}{list(token_shape)}, "
+                             f"got {tuple(advantages.shape)}")
+        V.check_token_tensor("advantages", advantages, token_shape, device, V.FLOAT_DTYPES)
+        _check_finite_where("advantages", advantages, keep)
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None:
+            V.check_token_tensor(name, t, token_shape, device, V.FLOAT_DTYPES)
+            _check_finite_where(name, t, keep)
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) \
+            or not 0.0 <= kl_coef < float("inf"):
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+    V.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    V.check_choice("loss_agg", loss_agg, LOSS_AGGS)
+
+
+def kl_penalty(logp, ref_logp, estimator):
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs."""
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    d = ref_logp - logp
+    return torch.expm1(d) - d
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_eps: float | tuple[float, float] = 0.2,
+    kl_coef: float = 1e-3,
+    kl_estimator: str = "k2",
+    temperature: float = 1.0,
+    loss_agg: str = "token_mean",
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    *,
+    memory_budget: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO / PPO-clipped policy loss with a KL penalty, fused with the lm_head.
+
+    Per masked-in token, with ``logp`` the policy log-prob of the sampled token
+    (``softmax(logits / temperature)``), ``ratio = exp(logp - old_logprobs)``:
+    ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + kl_coef * KL``.
+
+    Args:
+        hidden: ``[B, T, H]`` (or ``[N, H]``, one sequence) aligned with ``token_ids``.
+        weight: ``[V, H]``; ``bias``: optional ``[V]``.
+        token_ids: ``[B, T]`` sampled tokens (ids under a false mask are ignored).
+        advantages: ``[B]`` per sequence (broadcast over tokens) or per token
+            ``[B, T]``; must be finite.
+        mask: ``[B, T]``, true for the completion tokens that count.
+        old_logprobs: behaviour-policy log-probs ``[B, T]``; ``None`` means
+            on-policy (``ratio = exp(logp - logp.detach())``, value 1, gradient
+            of ``logp``).
+        ref_logprobs: reference-policy log-probs ``[B, T]``; ``None`` or
+            ``kl_coef == 0`` disables the KL term.
+        clip_eps: ``eps`` or a ``(eps_low, eps_high)`` pair.
+        kl_estimator: ``"k1"`` (``logp - ref``), ``"k2"`` (``0.5 * (logp -
+            ref)^2``, STAR's choice) or ``"k3"`` (``exp(ref - logp) - (ref -
+            logp) - 1``).
+        loss_agg: ``"token_mean"`` (masked mean over all tokens),
+            ``"seq_mean"`` (mean over sequences with at least one token of each
+            sequence's masked mean) or ``"dr_grpo"`` (masked sum / (B * T)).
+        backend, memory_budget: as in :func:`fused_linear_logprobs`.
+
+    Returns ``(loss, diagnostics)``: the scalar loss (float32; float64 for
+    float64 inputs; 0 with zero gradients for an all-false mask) and detached
+    masked token means ``clip_fraction`` (tokens whose clipped branch is
+    active), ``mean_kl`` (of the chosen estimator; 0 without ``ref_logprobs``)
+    and ``mean_ratio``.
+    """
+    low, high = _clip_range(clip_eps)
+    _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs,
+                     bias, temperature, kl_coef, kl_estimator, loss_agg, memory_budget)
+    backend = _backends.resolve(backend, hidden.device)
+    budget = memory_budget or _backends.default_memory_budget(hidden.device)
+    n_seq, seq_len = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 \
+        else (1, hidden.shape[0])
+    ctype = torch.promote_types(hidden.dtype, torch.float32)
+
+    rows = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    logp = logprobs_rows(h, weight, bias, token_ids.reshape(-1)[rows], temperature, False,
+                         backend, budget)
+
+    def pick(t):
+        return t.reshape(-1)[rows].to(ctype)
+
+    if hidden.dim() == 3 and advantages.dim() == 1:
+        adv = advantages.to(ctype)[rows // seq_len]
+    else:
+        adv = pick(advantages)
+    old = logp.detach() if old_logprobs is None else pick(old_logprobs)
+    ratio = torch.exp(logp - old)
+    clipped = ratio.clamp(1.0 - low, 1.0 + high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    with torch.no_grad():
+        clip_active = ((ratio < 1.0 - low) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_penalty(logp, pick(ref_logprobs), kl_estimator)
+        if kl_coef != 0:
+            per_token = per_token + kl_coef * kl
+
+    count = rows.numel()
+    if loss_agg == "token_mean":
+        loss = per_token.sum() / max(count, 1)
+    elif loss_agg == "dr_grpo":
+        loss = per_token.sum() / max(n_seq * seq_len, 1)
+    else:
+        seq = rows // seq_len
+        sums = per_token.new_zeros(n_seq).index_add(0, seq, per_token)
+        lengths = torch.bincount(seq, minlength=n_seq)
+        present = lengths > 0
+        per_seq = sums[present] / lengths[present].to(ctype)
+        loss = per_seq.sum() / max(int(present.sum()), 1)
+
+    def token_mean(x):
+        return (x.detach().to(ctype).sum() / max(count, 1))
+
+    zero = torch.zeros((), dtype=ctype, device=hidden.device)
+    diagnostics = {
+        "clip_fraction": token_mean(clip_active),
+        "mean_kl": zero if kl is None else token_mean(kl),
+        "mean_ratio": token_mean(ratio),
+    }
+    return loss.to(ctype), diagnostics
