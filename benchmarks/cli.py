@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ckd, topk, logprobs, grpo or all")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="shape set (default: quick on CPU, gpu-check on CUDA)")
+    p.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                   help="= --preset quick: the CPU reference shape N=2048, H=256, V=151,936, fp32")
+    p.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
+                   help="= --preset smoke: tiny shapes, seconds")
     p.add_argument("--n", type=int, nargs="+", help="token counts (overrides the preset)")
     p.add_argument("--h", type=int, nargs="+", help="hidden sizes (overrides the preset)")
     p.add_argument("--v", type=int, help="vocabulary size")
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"),
                    help="output folder (default benchmarks/out)")
-    p.add_argument("--name", help="file stem (default: bench-<device>-<date>)")
+    p.add_argument("--name", help="file stem (default: bench-<date>)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -212,7 +216,7 @@ def _run_isolated(spec: dict, timeout: float) -> dict:
             "message": f"error: worker exited with {proc.returncode}: {tail[0][:300]}"}
 
 
-def run_suite(args) -> dict:
+def run_suite(args, progress=None) -> dict:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -226,7 +230,14 @@ def run_suite(args) -> dict:
     start = time.monotonic()
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
+    env = environment(device)
+    config = {"preset": preset_name, "ops": op_list, "v": v, "k": k, "dtype": dtype,
+              "isolate": isolate, "repeats": args.repeats, "warmup": args.warmup,
+              "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
+              "memory": not args.no_memory, "chunk_rows": args.chunk_rows,
+              "impls": args.impls, "skip": args.skip}
     records = []
+    data = {"schema": 1, "env": env, "config": config, "records": records, "complete": False}
     for op in op_list:
         shapes = preset["shapes"][op]
         if args.n or args.h:
@@ -270,14 +281,10 @@ def run_suite(args) -> dict:
                 rec["wall_s"] = round(time.monotonic() - t0, 2)
                 records.append(rec)
                 log(f"[{rec['status'][:4]:4}] {label}: {_short(rec)} ({rec['wall_s']} s)")
-
-    env = environment(device)
-    config = {"preset": preset_name, "ops": op_list, "v": v, "k": k, "dtype": dtype,
-              "isolate": isolate, "repeats": args.repeats, "warmup": args.warmup,
-              "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
-              "memory": not args.no_memory, "chunk_rows": args.chunk_rows,
-              "impls": args.impls, "skip": args.skip}
-    data = {"schema": 1, "env": env, "config": config, "records": records}
+                if progress:
+                    add_ratios(data)
+                    progress(data)
+    data["complete"] = True
     add_ratios(data)
     return data
 
@@ -315,11 +322,15 @@ def add_ratios(data: dict) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    data = run_suite(args)
     from . import report
     out = Path(args.out)
-    name = args.name or ("bench-{}-{}".format(data["env"]["device"].replace(":", ""),
-                                               _dt.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or "bench-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    def progress(data):  # the JSON so far, so a killed run still leaves its results
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+
+    data = run_suite(args, progress)
     paths = report.write_outputs(data, out, name, plots=not args.no_plots)
     for path in paths:
         print(path)

@@ -85,6 +85,8 @@ def header(data: dict) -> str:
         + ("" if cuda else ", process peak RSS" + (" in a fresh process per row"
                                                    if cfg.get("isolate") else "")),
     ]
+    if data.get("complete") is False:
+        lines.append("- **incomplete run** (stopped before the end; rows not listed did not run)")
     return "\n".join(lines)
 
 
