@@ -151,3 +151,12 @@ def test_bad_input_names_the_argument(over, match):
     p.update(over(p))
     with pytest.raises((ValueError, TypeError), match=match):
         sk.fused_linear_logprobs(**p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_triton_logprobs_on_cuda_at_qwen_vocab(dtype, tol):
+    p = [t.cuda() for t in problem(67, 64, 151936, dtype=dtype)]
+    out, exp, got_g, exp_g = both("triton", *p)
+    for a, b in zip(list(out) + list(got_g), list(exp) + list(exp_g)):
+        assert (a.double() - b).norm() / b.norm() < tol

@@ -179,3 +179,13 @@ def test_bad_input_names_the_argument(over, match):
     args.update(over)
     with pytest.raises((ValueError, TypeError), match=match):
         sk.fused_linear_topk_logprobs(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_topk_on_cuda_at_qwen_vocab(dtype):
+    hidden, weight, bias = problem(67, 64, 151936, dtype=dtype)
+    hidden, weight, bias = hidden.cuda(), weight.cuda(), bias.cuda()
+    ids, lps = sk.fused_linear_topk_logprobs(hidden, weight, 100, bias=bias, backend="triton")
+    ref = ref_logprobs(hidden, weight, bias, 1.0)
+    check_topk(ids, lps, ref, 100, atol=5e-5 if dtype == torch.bfloat16 else 2e-5)
