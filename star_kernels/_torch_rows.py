@@ -96,9 +96,10 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
 
 
 def topk_workspace_bytes(dtype: torch.dtype) -> int:
-    """Bytes per logit for :func:`topk_rows`: the chunk and a float copy."""
+    """Bytes per logit for :func:`topk_rows`: the chunk, a float copy, logsumexp's buffer."""
     item = torch.empty((), dtype=dtype).element_size()
-    return item + _compute_dtype(dtype).itemsize
+    float_copy = 0 if dtype in (torch.float32, torch.float64) else 4
+    return item + float_copy + _compute_dtype(dtype).itemsize
 
 
 def topk_rows(logits, k: int, temperature: float):
@@ -108,12 +109,12 @@ def topk_rows(logits, k: int, temperature: float):
     equal values keep ascending id order.
     """
     ctype = _compute_dtype(logits.dtype)
-    z = logits.to(ctype)
+    z = logits.to(ctype)  # the chunk itself when already float32/64 (it is scratch)
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)
     lse = torch.logsumexp(z, 1, keepdim=True)
-    # torch.topk's order among equal values is unspecified: sort the winners
-    # stably (they arrive in ascending id order from a stable full sort only).
+    # torch.topk's order among equal values is unspecified: order the winners by
+    # id, then stable-sort them by value so equal values list ascending ids.
     vals, ids = z.topk(k, dim=1, sorted=False)
     ids, order = ids.sort(1)
     vals = vals.gather(1, order)

@@ -8,7 +8,8 @@ embedding or not; autograd accumulates into the shared parameter either way)
 and bias to the fused ops. Gradient checkpointing
 (``model.gradient_checkpointing_enable()``, ``activation_checkpointing_enable()`` in
 transformers 5) and a compiled trunk (``model.model.compile()`` or ``model.model =
-torch.compile(model.model)``) work unchanged.
+torch.compile(model.model)``) work unchanged; compiling the whole causal LM
+instead does not speed these helpers up, as they call its trunk directly.
 
 Per-token tensors given to the ``*_from_model`` helpers are aligned with
 ``input_ids`` like Hugging Face ``labels``: entry ``t`` is about token ``t``
