@@ -16,7 +16,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _logprob_kernel(logits_ptr, stride_row, ids_ptr, logp_ptr, ent_ptr, lse_ptr,
+def _logprob_kernel(logits_ptr, stride_row, ids_ptr, logp_ptr, ent_ptr,
                     grad_logp_ptr, grad_ent_ptr, V, inv_t,
                     WITH_GRAD: tl.constexpr, WITH_GRAD_ENT: tl.constexpr,
                     BLOCK: tl.constexpr):
@@ -42,7 +42,6 @@ def _logprob_kernel(logits_ptr, stride_row, ids_ptr, logp_ptr, ent_ptr, lse_ptr,
     u_tok = tl.load(base + tok).to(tl.float32) * inv_t
     tl.store(logp_ptr + row, u_tok - lse)
     tl.store(ent_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
     if WITH_GRAD:
         gl = tl.load(grad_logp_ptr + row).to(tl.float32) * inv_t
         if WITH_GRAD_ENT:
@@ -78,7 +77,6 @@ def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
     dev = logits.device
     logp = torch.empty(c, dtype=torch.float32, device=dev)
     ent = torch.empty(c, dtype=torch.float32, device=dev)
-    lse = torch.empty(c, dtype=torch.float32, device=dev)
     with_grad = grad_logp is not None or grad_entropy is not None
     if with_grad and grad_logp is None:
         grad_logp = torch.zeros(c, dtype=torch.float32, device=dev)
@@ -89,7 +87,7 @@ def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
     if c:
         ids = token_ids if token_ids.dtype == torch.int64 else token_ids.long()
         _logprob_kernel[(c,)](
-            logits, logits.stride(0), ids.contiguous(), logp, ent, lse,
+            logits, logits.stride(0), ids.contiguous(), logp, ent,
             grad_logp if with_grad else logp, grad_entropy if grad_entropy is not None else logp,
             vocab, 1.0 / temperature,
             WITH_GRAD=with_grad, WITH_GRAD_ENT=grad_entropy is not None,
