@@ -145,9 +145,11 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> log
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "star_kernels C++ CPU row ops (see star_kernels/_cpp_rows.py)";
-  m.def("ckd_rows", &star::ckd_rows, "CKD per-row loss and in-place gradient");
-  m.def("topk_rows", &star::topk_rows, "exact top-k log-probs per row");
+  // The kernels run without the GIL (other Python threads, e.g. data loading, go on).
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("ckd_rows", &star::ckd_rows, "CKD per-row loss and in-place gradient", release());
+  m.def("topk_rows", &star::topk_rows, "exact top-k log-probs per row", release());
   m.def("logprob_rows", &star::logprob_rows,
-        "sampled-token log-probs, entropy, and in-place gradient per row");
+        "sampled-token log-probs, entropy, and in-place gradient per row", release());
   m.def("isa", [] { return std::string(star::isa_name()); }, "the instruction set the row kernels dispatched to");
 }
