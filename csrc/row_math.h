@@ -63,12 +63,17 @@ STAR_INLINE double xlogy(double x, double y) {
   return x * std::log(y);
 }
 
+// Max of one block: a lane-wise max tree over the kBlock elements (no scalar tail).
 template <typename T>
 STAR_INLINE T block_max(const T* z) {
-  T m = z[0];
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 1; j < kBlock; ++j) m = z[j] > m ? z[j] : m;
-  return m;
+  T m[kBlock / 2];
+#pragma omp simd
+  for (int64_t j = 0; j < kBlock / 2; ++j) m[j] = z[j] > z[j + kBlock / 2] ? z[j] : z[j + kBlock / 2];
+  for (int64_t w = kBlock / 4; w >= 1; w /= 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) m[j] = m[j] > m[j + w] ? m[j] : m[j + w];
+  }
+  return m[0];
 }
 
 }  // namespace star
