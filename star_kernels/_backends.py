@@ -62,6 +62,20 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+_TRITON_MODULES = {"ckd": "_triton_ckd", "topk": "_triton_topk", "logprob": "_triton_logprobs"}
+
+
+def row_functions(backend: str, op: str):
+    """``(op_rows, op_workspace_bytes)`` of a concrete backend; ``op`` is ckd, topk or logprob.
+
+    Row functions follow the contracts of ``_torch_rows``; the workspace function
+    gives the bytes per logit a chunk needs, which sizes chunks to the budget.
+    """
+    module = {"torch": "_torch_rows", "cpp": "_cpp_rows"}.get(backend) or _TRITON_MODULES[op]
+    mod = importlib.import_module(f"star_kernels.{module}")
+    return getattr(mod, f"{op}_rows"), getattr(mod, f"{op}_workspace_bytes")
+
+
 def default_memory_budget(device: torch.device) -> int:
     """Bytes of chunk workspace when the caller does not set ``memory_budget``.
 

@@ -46,6 +46,9 @@ def ckd_workspace_bytes(dtype: torch.dtype) -> int:
     return item + (0 if dtype in (torch.float32, torch.float64) else 4)
 
 
+topk_workspace_bytes = logprob_workspace_bytes = ckd_workspace_bytes
+
+
 def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: CKDConfig):
     """Per-row CKD loss of a ``[C, V]`` logits chunk, and its gradient in place."""
     z = _work_buffer(logits)

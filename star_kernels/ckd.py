@@ -17,24 +17,13 @@ from ._config import CKDConfig
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _row_op(backend: str):
-    """(row op, workspace bytes per logit) for a concrete backend."""
-    if backend == "triton":
-        from . import _triton_ckd as mod
-    elif backend == "cpp":
-        from . import _cpp_rows as mod
-    else:
-        from . import _torch_rows as mod
-    return mod.ckd_rows, mod.ckd_workspace_bytes
-
-
 class _FusedLinearCKD(torch.autograd.Function):
     """Rows are already the valid tokens only; returns the reduced loss or per-row losses."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, labels,
                 cfg, backend, memory_budget, reduction):
-        row_op, workspace = _row_op(backend)
+        row_op, workspace = _backends.row_functions(backend, "ckd")
         row_op = functools.partial(row_op, cfg=cfg)
         n = hidden.shape[0]
         chunk = rows_per_chunk(n, weight.shape[0], workspace(hidden.dtype), memory_budget)

@@ -15,19 +15,6 @@ from . import _backends, _validation as V
 from ._chunked import rows_per_chunk, run_chunks
 
 
-def _row_fn(backend: str):
-    """(logprob_rows, workspace bytes per logit) for a concrete backend."""
-    from . import _torch_rows
-    if backend == "triton":
-        from . import _triton_logprobs as mod
-    elif backend == "cpp":
-        from . import _cpp_rows as mod
-    else:
-        mod = _torch_rows
-    workspace = getattr(mod, "logprob_workspace_bytes", _torch_rows.logprob_workspace_bytes)
-    return mod.logprob_rows, workspace
-
-
 def _adapt(logprob_rows, temperature, want_entropy):
     """The backend row function in the chunk loop's row-op form.
 
@@ -50,7 +37,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, token_ids, temperature, want_entropy, backend,
                 memory_budget):
-        logprob_rows, workspace = _row_fn(backend)
+        logprob_rows, workspace = _backends.row_functions(backend, "logprob")
         n = hidden.shape[0]
         chunk = rows_per_chunk(n, weight.shape[0], workspace(hidden.dtype), memory_budget)
         out_dtype = torch.promote_types(hidden.dtype, torch.float32)

@@ -16,19 +16,6 @@ from . import _backends, _validation as V
 from ._chunked import rows_per_chunk, run_chunks
 
 
-def _row_op(backend: str):
-    """(topk_rows, workspace bytes per logit) for a concrete backend."""
-    from . import _torch_rows
-    if backend == "triton":
-        from . import _triton_topk as mod
-    elif backend == "cpp":
-        from . import _cpp_rows as mod
-    else:
-        mod = _torch_rows
-    workspace = getattr(mod, "topk_workspace_bytes", _torch_rows.topk_workspace_bytes)
-    return mod.topk_rows, workspace
-
-
 def _sample_rows(logits, k, temperature, generator):
     """``k`` draws per row from ``softmax(logits / T)``, merged per id.
 
@@ -114,7 +101,7 @@ def fused_linear_topk_logprobs(
             return _sample_rows(logits, k, temperature, generator), None
         bytes_per_logit = hidden.element_size() + 3 * 4
     else:
-        topk_rows, workspace = _row_op(backend)
+        topk_rows, workspace = _backends.row_functions(backend, "topk")
 
         def row_op(logits, scale):
             return topk_rows(logits, k, temperature), None
