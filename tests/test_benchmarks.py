@@ -142,12 +142,16 @@ def test_report_regenerates_readme_section(tmp_path):
                      "--out", str(tmp_path), "--name", "r", "--quiet", "--no-plots"]) == 0
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n" + report.BEGIN + "\nold\n" + report.END + "\n\ntail\n")
-    assert report.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 1
-    assert report.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    project = tmp_path / "PROJECT.md"
+    project.write_text("# p\n\n" + report.BEGIN + "\n" + report.END + "\n")
+    args = ["--results", str(tmp_path), "--readme", str(readme), "--project-readme", str(project)]
+    assert report.main(args + ["--check"]) == 1
+    assert report.main(args) == 0
+    assert "benchmarks/results/" in project.read_text()
     text = readme.read_text()
     assert "old" not in text and text.endswith("tail\n") and "naive (eager)" in text
     assert (tmp_path / "r_logprobs.png").exists()
-    assert report.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 0
+    assert report.main(args + ["--check"]) == 0
 
 
 def test_module_entry_point_help():
