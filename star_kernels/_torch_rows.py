@@ -19,7 +19,7 @@ def ckd_workspace_bytes(dtype: torch.dtype) -> int:
     """Bytes per logit this op needs: the chunk, a float copy, a bool mask, q on M."""
     item = torch.empty((), dtype=dtype).element_size()
     float_copy = 0 if dtype in (torch.float32, torch.float64) else 4
-    return item + float_copy + 2 * _compute_dtype(dtype).itemsize + 1
+    return item + float_copy + _compute_dtype(dtype).itemsize + 1
 
 
 def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: CKDConfig):
