@@ -179,3 +179,30 @@ def test_bad_models_are_named():
         hf.decoder_and_head(model)
     with pytest.raises(ValueError, match="teacher_ids must be"):
         hf.ckd_loss_from_model(tiny("llama"), **{**batch(), "teacher_ids": torch.zeros(B, 4, 6)})
+
+
+def test_real_trainer_steps_with_the_mixin(tmp_path):
+    pytest.importorskip("accelerate")
+    model = tiny("llama")
+    d = batch()
+    labels = torch.where(d["loss_mask"], d["input_ids"], -100)
+    rows = [{"input_ids": d["input_ids"][i], "attention_mask": d["attention_mask"][i],
+             "labels": labels[i], "teacher_ids": d["teacher_ids"][i],
+             "teacher_logprobs": d["teacher_logprobs"][i]} for i in range(B)]
+
+    class CKDTrainer(hf.CKDTrainerMixin, transformers.Trainer):
+        ckd_kwargs = dict(student_topm=5, backend="torch")
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=B,
+        learning_rate=1e-2, remove_unused_columns=False, report_to=[], save_strategy="no",
+        logging_steps=1, use_cpu=True, disable_tqdm=True)
+    before = model.lm_head.weight.detach().clone()
+    start = hf.ckd_compute_loss(model, {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+                                student_topm=5, backend="torch").item()
+    result = CKDTrainer(model=model, args=args, train_dataset=rows).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.lm_head.weight.detach())
+    end = hf.ckd_compute_loss(model, {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+                              student_topm=5, backend="torch").item()
+    assert end < start
