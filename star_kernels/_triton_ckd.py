@@ -3,13 +3,14 @@
 Per row, in passes over the vocabulary (the row of logits is read in its own
 dtype and the gradient written back over it, so the chunk is the only workspace):
 
-1. online logsumexp, fused with a 2048-bin histogram of the top 11 bits of each
+1. online logsumexp, fused with a 256-bin histogram of the top 8 bits of each
    logit's order-preserving integer key;
-2. (3.) radix-select refinement: histograms of the next 11 (then last 10) key
-   bits, restricted to the bin that holds the m-th largest logit, until the
-   threshold is exact (a level is skipped when the bin's count lands on m);
-4. the student's confident mass ``sum q_v`` over keys >= threshold;
-5. the gradient, dense part written in place, then the teacher ids and the label
+2. radix-select refinement: histograms of the next 8 key bits, restricted to the
+   bin that holds the m-th largest logit, one level per pass until the threshold
+   is exact (bf16/fp16 logits: one more pass; fp32: at most three; a level is
+   skipped once the bin's count lands on m);
+3. the student's confident mass ``sum q_v`` over keys >= threshold;
+4. the gradient, dense part written in place, then the teacher ids and the label
    patched (read-modify-write after a barrier).
 
 This finds the m-th largest logit without sorting or ``torch.topk`` over the row.
@@ -23,7 +24,9 @@ import triton.language as tl
 
 from ._config import CKDConfig
 
-NUM_BINS = 2048  # 11-bit radix digits
+# 8-bit digits: a 256-bin histogram per pass is cheap on GPUs (tl.histogram's cost
+# grows with the bin count); 16-bit logits need two levels, fp32 at most four.
+RADIX_BITS = 8
 
 
 @triton.jit
@@ -48,17 +51,18 @@ def _pick_bin(hist, rank, NB: tl.constexpr):
 
 
 @triton.jit
-def _refine(row_ptr, V, inv_t, prefix, prefix_shift: tl.constexpr, shift: tl.constexpr,
-            width: tl.constexpr, in_prefix, BLOCK_V: tl.constexpr, NB: tl.constexpr):
-    """Histogram of key bits [shift, shift+width) over elements whose key >> prefix_shift == prefix."""
+def _refine(row_ptr, V, inv_t, prefix, shift: tl.constexpr, in_prefix,
+            BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Histogram of the digit at ``shift`` over elements whose higher key bits equal ``prefix``."""
+    NB: tl.constexpr = 1 << RADIX_BITS
     hist = tl.zeros((NB,), dtype=tl.int32)
     n_blocks = tl.cdiv(V, BLOCK_V)
     for i in range(0, n_blocks):
         offs = i * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs, mask=offs < V, other=0.0).to(tl.float32) * inv_t
         key = _order_key(x)
-        keep = (offs < V) & ((key >> prefix_shift) == prefix)
-        digit = tl.where(keep, (key >> shift) & ((1 << width) - 1), 0).to(tl.int32)
+        keep = (offs < V) & ((key >> (shift + RADIX_BITS)) == prefix)
+        digit = tl.where(keep, (key >> shift) & (NB - 1), 0).to(tl.int32)
         hist += tl.histogram(digit, NB)
     # Elements outside the prefix (and padding) were counted in bin 0.
     bins = tl.arange(0, NB)
@@ -70,9 +74,10 @@ def _ckd_row_kernel(
     logits_ptr, stride_row, ids_ptr, tlp_ptr, stride_k, labels_ptr, scale_ptr, loss_ptr,
     V, K, topm, inv_t, lam, mix, ignore_index,
     HAS_LABELS: tl.constexpr, TAIL_BUCKET: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    EXACT_BELOW_BIT10: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    NB: tl.constexpr,
+    LEVELS: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
+    NB: tl.constexpr = 1 << RADIX_BITS
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     n_blocks = tl.cdiv(V, BLOCK_V)
@@ -88,26 +93,27 @@ def _ckd_row_kernel(
         new_max = tl.maximum(run_max, tl.max(x, 0))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
         run_max = new_max
-        digit = tl.where(valid, _order_key(x) >> 21, 0).to(tl.int32)
+        digit = tl.where(valid, _order_key(x) >> (32 - RADIX_BITS), 0).to(tl.int32)
         hist += tl.histogram(digit, NB)
     bins = tl.arange(0, NB)
     hist -= tl.where(bins == 0, n_blocks * BLOCK_V - V, 0)
     lse = run_max + tl.log(run_sum)
 
-    # Radix select of the m-th largest key: thr ends as the exact key, or the
-    # lower edge of a bin whose elements are all among the top m.
-    b1, above, in_bin = _pick_bin(hist, topm, NB)
-    thr = b1.to(tl.uint32) << 21
-    if above + in_bin != topm:
-        hist = _refine(row_ptr, V, inv_t, b1.to(tl.uint32), 21, 10, 11, in_bin, BLOCK_V, NB)
-        b2, above2, in_bin2 = _pick_bin(hist, topm - above, NB)
-        thr = thr | (b2.to(tl.uint32) << 10)
-        if not EXACT_BELOW_BIT10:
-            if above2 + in_bin2 != topm - above:
-                prefix = (b1.to(tl.uint32) << 11) | b2.to(tl.uint32)
-                hist = _refine(row_ptr, V, inv_t, prefix, 10, 0, 10, in_bin2, BLOCK_V, NB)
-                b3, _a, _b = _pick_bin(hist, topm - above - above2, NB)
-                thr = thr | b3.to(tl.uint32)
+    # Radix select of the m-th largest key, one digit per level: thr ends as the
+    # exact key, or the lower edge of a bin whose elements are all among the top m
+    # (then no further level is needed). ``rank`` counts down within the bin.
+    b, above, in_bin = _pick_bin(hist, topm, NB)
+    prefix = b.to(tl.uint32)
+    thr = prefix << (32 - RADIX_BITS)
+    rank = topm - above
+    for level in tl.static_range(1, LEVELS):
+        if in_bin != rank:
+            shift: tl.constexpr = 32 - RADIX_BITS * (level + 1)
+            hist = _refine(row_ptr, V, inv_t, prefix, shift, in_bin, BLOCK_V, RADIX_BITS)
+            b, above, in_bin = _pick_bin(hist, rank, NB)
+            prefix = (prefix << RADIX_BITS) | b.to(tl.uint32)
+            thr = thr | (b.to(tl.uint32) << shift)
+            rank = rank - above
 
     # Pass 4: the student's confident mass.
     conf_mass = 0.0
@@ -198,10 +204,11 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
         vocab, k, cfg.student_topm, 1.0 / cfg.temperature, cfg.tail_coef, cfg.kd_ratio,
         cfg.ignore_index,
         HAS_LABELS=has_labels, TAIL_BUCKET=cfg.tail_bucket, COMPUTE_GRAD=compute_grad,
-        # 16-bit floats widened to fp32 have zero key bits below bit 13: two radix
-        # levels already give the exact value (unless a temperature rescales them).
-        EXACT_BELOW_BIT10=logits.element_size() == 2 and cfg.temperature == 1.0,
-        BLOCK_V=min(2048, triton.next_power_of_2(vocab)),
-        BLOCK_K=triton.next_power_of_2(k), NB=NUM_BINS,
+        # 16-bit floats widened to fp32 have zero key bits below bit 16 (bf16) or
+        # 13 (fp16): the top 16 bits already give the exact value (unless a
+        # temperature rescales them).
+        LEVELS=(16 if logits.element_size() == 2 and cfg.temperature == 1.0 else 32) // RADIX_BITS,
+        RADIX_BITS=RADIX_BITS, BLOCK_V=min(2048, triton.next_power_of_2(vocab)),
+        BLOCK_K=triton.next_power_of_2(k),
     )
     return (loss,), (logits if compute_grad else None)

@@ -30,7 +30,7 @@ def rows_case(rows, vocab, k, dtype, quantum=None, seed=0):
 
 @pytest.mark.parametrize("vocab,quantum,dtype", [
     (5003, None, torch.float32),    # several blocks, continuous values
-    (4099, 0.25, torch.float32),    # ties at the threshold: all three radix levels
+    (4099, 0.25, torch.float32),    # ties at the threshold: every radix level runs
     (3001, None, torch.bfloat16),   # 16-bit logits, gradient written back in bf16
     (2500, 0.5, torch.float16),
 ])

@@ -36,11 +36,11 @@ logprob = {"logits_ptr": "*bf16", "stride_row": "i64", "ids_ptr": "*i64", "logp_
            "V": "i32", "inv_t": "fp32"}
 cases = {
     "ckd-bf16-grad": (_triton_ckd._ckd_row_kernel, ckd, dict(
-        HAS_LABELS=True, TAIL_BUCKET=True, COMPUTE_GRAD=True, EXACT_BELOW_BIT10=True,
-        BLOCK_V=2048, BLOCK_K=128, NB=2048)),
+        HAS_LABELS=True, TAIL_BUCKET=True, COMPUTE_GRAD=True, LEVELS=2, RADIX_BITS=8,
+        BLOCK_V=2048, BLOCK_K=128)),
     "ckd-fp32-nograd": (_triton_ckd._ckd_row_kernel, dict(ckd, logits_ptr="*fp32"), dict(
-        HAS_LABELS=False, TAIL_BUCKET=False, COMPUTE_GRAD=False, EXACT_BELOW_BIT10=False,
-        BLOCK_V=2048, BLOCK_K=128, NB=2048)),
+        HAS_LABELS=False, TAIL_BUCKET=False, COMPUTE_GRAD=False, LEVELS=4, RADIX_BITS=8,
+        BLOCK_V=2048, BLOCK_K=128)),
     "topk-bf16": (_triton_topk._topk_kernel, topk, dict(BLOCK=2048)),
     "logprob-bf16-grad": (_triton_logprobs._logprob_kernel, logprob, dict(
         WITH_GRAD=True, WITH_GRAD_ENT=True, BLOCK=4096)),
