@@ -138,7 +138,8 @@ def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
     ``grad_logp`` (or ``grad_entropy``) is given, ``logits`` is overwritten with
     d(sum_r grad_logp[r] * logp[r] + grad_entropy[r] * H[r]) / d(logits)
     ``= (grad_logp * (onehot - q) - grad_entropy * q * (log q + H)) / T``;
-    a missing one of the two counts as zero.
+    a missing one of the two counts as zero. ``grad_logp`` may also be a callable
+    of ``logp`` (the fused GRPO loss knows its upstream gradient only then).
     """
     ctype = _compute_dtype(logits.dtype)
     z = logits if logits.dtype == ctype else logits.to(ctype)
@@ -151,6 +152,8 @@ def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
     sum_exp = q.sum(1, keepdim=True)
     logq = z.sub_(sum_exp.log())
     logp = logq.gather(1, ids)[:, 0]
+    if callable(grad_logp):  # an upstream gradient that depends on the log-probs
+        grad_logp = grad_logp(logp)
     with_grad = grad_logp is not None or grad_entropy is not None
     if not (want_entropy or with_grad):
         return logp, None, None

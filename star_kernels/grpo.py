@@ -8,10 +8,13 @@ tensor exists in the forward or the backward pass.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _backends, _validation as V
-from .logprobs import check_logprob_args, logprobs_rows
+from ._chunked import rows_per_chunk, run_chunks
+from .logprobs import check_logprob_args
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token_mean", "seq_mean", "dr_grpo")
@@ -80,6 +83,88 @@ def kl_penalty(logp, ref_logp, estimator):
     return torch.expm1(d) - d
 
 
+def token_terms(logp, adv, old, ref, low, high, kl_coef, estimator):
+    """Per-token GRPO loss, its derivative in ``logp``, and the diagnostics' terms.
+
+    ``old is None`` means on-policy (ratio 1, d ratio / d logp = 1). The
+    derivative follows autograd's conventions for ``min`` and ``clamp``: the
+    surrogate's gradient is ``-A * ratio`` where the unclipped branch is active
+    or the ratio lies inside the clip range, else 0.
+    """
+    ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
+    clipped = ratio.clamp(1.0 - low, 1.0 + high)
+    loss = -torch.minimum(ratio * adv, clipped * adv)
+    inside = (ratio >= 1.0 - low) & (ratio <= 1.0 + high)
+    dloss = torch.where(inside | (ratio * adv < clipped * adv), -adv * ratio, 0.0)
+    clip_active = ((ratio < 1.0 - low) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
+    kl = None
+    if ref is not None:
+        kl = kl_penalty(logp, ref, estimator)
+        if kl_coef != 0:
+            loss = loss + kl_coef * kl
+            if estimator == "k1":
+                dkl = torch.ones_like(logp)
+            elif estimator == "k2":
+                dkl = logp - ref
+            else:
+                dkl = 1.0 - torch.exp(ref - logp)
+            dloss = dloss + kl_coef * dkl
+    return loss, dloss, ratio, clip_active, kl
+
+
+class _FusedLinearGRPO(torch.autograd.Function):
+    """Masked-in rows only; returns ``(loss, logp)`` with the gradients made in forward.
+
+    The per-token loss is an elementwise function of the token's log-prob, so its
+    derivative is known as soon as a chunk's log-probs are: each chunk's logits
+    are turned into the gradient right away and never recomputed (three GEMMs,
+    as for CKD). ``token_weight`` holds each token's weight in the aggregate.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, token_ids, adv, old, ref, token_weight, terms,
+                temperature, backend, memory_budget):
+        logprob_rows, workspace = _backends.row_functions(backend, "logprob")
+        n = hidden.shape[0]
+        chunk = rows_per_chunk(n, weight.shape[0], workspace(hidden.dtype), memory_budget)
+        needs = ctx.needs_input_grad
+
+        def row_op(logits, ids_c, adv_c, old_c, ref_c, weight_c):
+            if weight_c is None:
+                logp, _, _ = logprob_rows(logits, ids_c, temperature, False)
+                return (logp,), None
+
+            def upstream(logp):
+                return weight_c * terms(logp.to(adv_c.dtype), adv_c, old_c, ref_c)[1]
+
+            if backend == "torch":  # its row op calls ``upstream`` between the passes
+                logp, _, dlogits = logprob_rows(logits, ids_c, temperature, False, upstream)
+            else:  # value pass (leaves the logits intact), then the gradient pass
+                logp, _, _ = logprob_rows(logits, ids_c, temperature, False)
+                _, _, dlogits = logprob_rows(logits, ids_c, temperature, False, upstream(logp))
+            return (logp,), dlogits
+
+        with_grad = any(needs[:3])
+        (logp,), gh, gw, gb = run_chunks(
+            hidden, weight, bias, row_op, (token_ids, adv, old, ref),
+            token_weight if with_grad else None, chunk,
+            need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
+        logp = logp.to(adv.dtype)
+        loss = (token_weight * terms(logp, adv, old, ref)[0]).sum()
+        ctx.bias_given = bias is not None
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp):
+        gh, gw, gb = ctx.saved_tensors
+        for g in (gh, gw, gb):
+            if g is not None:
+                g.mul_(grad_loss.to(g.dtype))
+        return gh, gw, gb if ctx.bias_given else None, *([None] * 9)
+
+
 def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -141,49 +226,42 @@ def fused_linear_grpo_loss(
     ctype = torch.promote_types(hidden.dtype, torch.float32)
 
     rows = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+    count = rows.numel()
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
-    logp = logprobs_rows(h, weight, bias, token_ids.reshape(-1)[rows], temperature, False,
-                         backend, budget)
 
     def pick(t):
-        return t.reshape(-1)[rows].to(ctype)
+        return None if t is None else t.reshape(-1)[rows].to(ctype)
 
     if hidden.dim() == 3 and advantages.dim() == 1:
         adv = advantages.to(ctype)[rows // seq_len]
     else:
         adv = pick(advantages)
-    old = logp.detach() if old_logprobs is None else pick(old_logprobs)
-    ratio = torch.exp(logp - old)
-    clipped = ratio.clamp(1.0 - low, 1.0 + high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
-    with torch.no_grad():
-        clip_active = ((ratio < 1.0 - low) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
-    kl = None
-    if ref_logprobs is not None:
-        kl = kl_penalty(logp, pick(ref_logprobs), kl_estimator)
-        if kl_coef != 0:
-            per_token = per_token + kl_coef * kl
-
-    count = rows.numel()
+    old, ref = pick(old_logprobs), pick(ref_logprobs)
     if loss_agg == "token_mean":
-        loss = per_token.sum() / max(count, 1)
+        token_weight = torch.full_like(adv, 1.0 / max(count, 1))
     elif loss_agg == "dr_grpo":
-        loss = per_token.sum() / max(n_seq * seq_len, 1)
-    else:
+        token_weight = torch.full_like(adv, 1.0 / max(n_seq * seq_len, 1))
+    else:  # each present sequence's masked mean, averaged over present sequences
         seq = rows // seq_len
-        sums = per_token.new_zeros(n_seq).index_add(0, seq, per_token)
         lengths = torch.bincount(seq, minlength=n_seq)
-        present = lengths > 0
-        per_seq = sums[present] / lengths[present].to(ctype)
-        loss = per_seq.sum() / max(int(present.sum()), 1)
+        present = int((lengths > 0).sum())
+        token_weight = 1.0 / (lengths[seq].to(ctype) * max(present, 1))
+
+    terms = functools.partial(token_terms, low=low, high=high, kl_coef=kl_coef,
+                              estimator=kl_estimator)
+    weight_c = weight if weight.is_contiguous() else weight.contiguous()
+    loss, logp = _FusedLinearGRPO.apply(
+        h, weight_c, bias, token_ids.reshape(-1)[rows], adv, old, ref, token_weight, terms,
+        float(temperature), backend, budget)
+    _, _, ratio, clip_active, kl = terms(logp, adv, old, ref)
 
     def token_mean(x):
-        return (x.detach().to(ctype).sum() / max(count, 1))
+        return x.to(ctype).sum() / max(count, 1)
 
-    zero = torch.zeros((), dtype=ctype, device=hidden.device)
     diagnostics = {
         "clip_fraction": token_mean(clip_active),
-        "mean_kl": zero if kl is None else token_mean(kl),
+        "mean_kl": torch.zeros((), dtype=ctype, device=hidden.device) if kl is None
+        else token_mean(kl),
         "mean_ratio": token_mean(ratio),
     }
     return loss.to(ctype), diagnostics
