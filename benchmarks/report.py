@@ -154,8 +154,12 @@ def plot(data: dict, outdir: Path, stem: str) -> list[Path]:
                 for ax, idx, scale in ((axes[0], 1, 1.0), (axes[1], 2, 2.0**-20)):
                     xy = [(p[0], p[idx] * scale) for p in pts if p[idx]]  # log axes: no zeros
                     if xy:
+                        # tab20's ten dark hues first, then the light ones: every
+                        # implementation keeps one distinct colour across plots.
+                        idx = list(ops.IMPLS).index(impl)
+                        color = plt.get_cmap("tab20")((2 * idx) % 20 + (2 * idx) // 20)
                         ax.plot(*zip(*xy), styles[i % len(styles)], marker="o", label=label,
-                                color=f"C{list(ops.IMPLS).index(impl) % 10}")
+                                color=color)
                         drew = True
         for ax, ylabel in ((axes[0], f"{MODE_NAMES[mode]} time (ms, median)"),
                            (axes[1], f"transient memory, {MODE_NAMES[mode]} (MiB)")):

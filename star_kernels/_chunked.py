@@ -56,6 +56,7 @@ def run_chunks(hidden, weight, bias, row_op, row_inputs, grad_scale, chunk_rows,
         chunk_rows_in = (None if t is None else t[start:end] for t in row_inputs)
         out, dlogits = row_op(logits, *chunk_rows_in, scale)
         outputs.append(out)
+        del logits  # dlogits may alias it; either way the next chunk must not overlap it
         if not with_grad:
             continue
         if grad_hidden is not None:
@@ -69,6 +70,6 @@ def run_chunks(hidden, weight, bias, row_op, row_inputs, grad_scale, chunk_rows,
                 grad_weight.add_(dlogits.T @ h)
             if grad_bias is not None:
                 grad_bias.add_(dlogits.sum(0, dtype=grad_bias.dtype))
-        del logits, dlogits
+        del dlogits
     outputs = tuple(torch.cat(parts) for parts in zip(*outputs))
     return outputs, grad_hidden, grad_weight, grad_bias
