@@ -48,6 +48,10 @@ def call(p, **over):
     (lambda p: dict(mask=torch.ones(6)), "mask must have dtype"),
     (lambda p: dict(memory_budget=-1), "memory_budget"),
     (lambda p: dict(backend="fast"), "backend must be one of"),
+    # A second device without a GPU: the meta device.
+    (lambda p: dict(weight=p["weight"].to("meta")), "weight is on meta but hidden is on cpu"),
+    (lambda p: dict(teacher_ids=p["ids"].to("meta")), "teacher_ids is on meta"),
+    (lambda p: dict(mask=torch.ones(6, dtype=bool, device="meta")), "mask is on meta"),
 ])
 def test_bad_input_names_the_argument(p, over, match):
     with pytest.raises((ValueError, TypeError), match=match):
