@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "cpp")
+
+
+_warned_no_cpp = False
 
 
 class BackendUnavailableError(RuntimeError):
@@ -33,6 +37,15 @@ def cpp_available() -> bool:
     return True
 
 
+def _warn_no_cpp_once():
+    global _warned_no_cpp
+    if not _warned_no_cpp:
+        _warned_no_cpp = True
+        warnings.warn("star_kernels: the C++ CPU backend (star_kernels._C) is not built; "
+                      "backend='auto' uses the slower chunked torch backend on CPU "
+                      "(reinstall with a C++ compiler and ninja to build it)", stacklevel=3)
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """Map ``backend`` (possibly ``"auto"``) to a concrete backend for ``device``."""
     if backend not in BACKENDS:
@@ -40,8 +53,10 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
-        if device.type == "cpu" and cpp_available():
-            return "cpp"
+        if device.type == "cpu":
+            if cpp_available():
+                return "cpp"
+            _warn_no_cpp_once()
         return "torch"
     if backend == "triton":
         if not triton_available():

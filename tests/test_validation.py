@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument, before any kernel runs."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -74,3 +76,15 @@ def test_unavailable_backend_is_named(p, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(sk.BackendUnavailableError, match="backend 'triton'"):
         call(p, backend="triton")
+
+
+def test_auto_without_cpp_falls_back_to_torch_with_one_warning(p, monkeypatch):
+    monkeypatch.setattr(sk._backends, "cpp_available", lambda: False)
+    monkeypatch.setattr(sk._backends, "_warned_no_cpp", False)
+    with pytest.warns(UserWarning, match="C\\+\\+ CPU backend .* not built"):
+        first = call(p, backend="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = call(p, backend="auto")
+    torch.testing.assert_close(first, call(p, backend="torch"))
+    assert first == second
