@@ -359,6 +359,14 @@ class Star(Impl):
         return out[0] if isinstance(out, tuple) else out
 
 
+def _needs_cuda(case: Case, what: str) -> str | None:
+    """Triton-only kernels fail on CPU tensors with Triton's '0 active drivers' error;
+    say why instead (TRITON_INTERPRET would run them, far too slowly to time)."""
+    if case.device.startswith("cuda"):
+        return None
+    return f"not available: {what} is a Triton kernel and needs CUDA"
+
+
 def _star(backend):
     return type(f"Star_{backend}", (Star,), {
         "id": f"star_{backend}", "label": f"star_kernels [{backend}]", "backend": backend})
@@ -374,7 +382,9 @@ class LigerFLCE(Impl):
 
     @classmethod
     def unavailable(cls, case):
-        return None if _installed("liger_kernel") else "not installed: liger-kernel"
+        if not _installed("liger_kernel"):
+            return "not installed: liger-kernel"
+        return _needs_cuda(case, "liger-kernel's fused linear CE")
 
     def __init__(self, case, inputs, **options):
         super().__init__(case, inputs, **options)
@@ -481,7 +491,9 @@ class CCE(Impl):
 
     @classmethod
     def unavailable(cls, case):
-        return None if _installed("cut_cross_entropy") else "not installed: cut-cross-entropy"
+        if not _installed("cut_cross_entropy"):
+            return "not installed: cut-cross-entropy"
+        return _needs_cuda(case, "cut-cross-entropy's default impl")
 
     def __init__(self, case, inputs, **options):
         super().__init__(case, inputs, **options)
