@@ -1,8 +1,21 @@
-"""Command line: ``star-train demo``."""
+"""Command line: ``star-train demo`` and ``star-train ckd --config run.toml``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+
+def _override(text: str) -> tuple[str, object]:
+    """``section.key=value``; the value is read as JSON when it parses (numbers, booleans,
+    lists), else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set expects section.key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
 
 
 def main(argv=None) -> int:
@@ -11,12 +24,23 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="CKD on tiny models built from configs (no downloads)")
     demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--seed", type=int, default=0)
+    ckd = sub.add_parser("ckd", help="STAR stage 1: teacher top-k cache + CKD training "
+                                     "(resumes from the newest checkpoint in train.out_dir)")
+    ckd.add_argument("--config", required=True, help="TOML run config (see configs/)")
+    ckd.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
 
         result = run(steps=args.steps, seed=args.seed)
         return 0 if result["kl_after"] < result["kl_before"] else 1
+    if args.command == "ckd":
+        from .ckd import run_ckd
+        from .config import load_config
+
+        run_ckd(load_config(args.config, dict(args.overrides)))
+        return 0
     return 2
 
 

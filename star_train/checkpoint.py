@@ -1,0 +1,96 @@
+"""Atomic training checkpoints: a run killed at any instant resumes from the last complete one.
+
+A checkpoint is a folder ``step-000123`` holding the model (safetensors, tied weights
+handled), the optimizer and scheduler states, the RNG states and ``state.json``. It is
+written under a temporary name and renamed into place, so a folder with the final name
+is always complete; leftovers of an interrupted write are removed on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, state: dict,
+                    keep: int = 2) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-{final.name}"
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (resumed run that crashed right after)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG states in place; returns ``state.json``."""
+    path = Path(path)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    untied_missing = [n for n in missing if not _tied_to_loaded(model, n, set(missing))]
+    if unexpected or untied_missing:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing "
+                           f"{untied_missing}, unexpected {unexpected}")
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng_cpu"])
+    if trainer["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["rng_cuda"])
+    return json.loads((path / "state.json").read_text())
+
+
+def _tied_to_loaded(model, name: str, missing: set) -> bool:
+    """safetensors stores one copy of tied parameters, so the other name reports as
+    missing: fine when it shares storage with a parameter that was loaded."""
+    tensors = model.state_dict(keep_vars=True)
+    ptr = tensors[name].data_ptr()
+    return any(other not in missing and t.data_ptr() == ptr
+               for other, t in tensors.items() if other != name)
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,170 @@
+"""Run configuration: dataclasses read from a TOML file, defaults = STAR's released CKD run.
+
+A config file has one table per section (``[data]``, ``[teacher]``, ``[student]``,
+``[ckd]``, ``[train]``); every key is optional. Unknown sections or keys are errors
+that name them, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from: a local Hugging Face directory (``path``) or, when
+    ``path`` is empty, a randomly initialised Qwen3 built from ``config`` (the keyword
+    arguments of ``transformers.Qwen3Config``) with ``seed``."""
+
+    path: str = ""
+    config: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = ""              # STAR messages+tools jsonl
+    max_length: int = 5632      # prompt (5120) + response (512) tokens
+    limit: int = 0              # use only the first N records (0 = all)
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    k: int = 100                # teacher top-k per response token
+    batch_size: int = 8         # sequences per teacher forward when building the cache
+    shard_size: int = 256       # examples per cache shard (the unit of resumption)
+
+
+@dataclass
+class StudentConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class CKDLossConfig:
+    tail_coef: float = 10.0     # lambda on the confident-error mass
+    student_topm: int = 100
+    kd_ratio: float = 1.0       # 1 = pure KD (released run)
+    temperature: float = 1.0
+    tail_bucket: bool = False
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/ckd"
+    lr: float = 3e-6
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    batch_size: int = 128       # sequences per optimizer step
+    micro_batch_size: int = 4   # sequences per forward/backward (gradient accumulation)
+    epochs: int = 1
+    max_steps: int = 0          # stop after this many optimizer steps (0 = the epochs)
+    dtype: str = "bfloat16"     # student parameters and activations: bfloat16 | float32
+    device: str = "auto"        # auto = cuda when available, else cpu
+    save_every: int = 50        # optimizer steps between checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+
+
+@dataclass
+class CKDRunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    ckd: CKDLossConfig = field(default_factory=CKDLossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "CKDRunConfig":
+        checks = [
+            (self.data.path, "data.path must name a STAR jsonl file"),
+            (self.data.max_length >= 2, "data.max_length must be >= 2"),
+            (self.data.limit >= 0, "data.limit must be >= 0"),
+            (self.teacher.k >= 1, "teacher.k must be >= 1"),
+            (self.teacher.batch_size >= 1, "teacher.batch_size must be >= 1"),
+            (self.teacher.shard_size >= 1, "teacher.shard_size must be >= 1"),
+            (self.ckd.student_topm >= 1, "ckd.student_topm must be >= 1"),
+            (0.0 <= self.ckd.kd_ratio <= 1.0, "ckd.kd_ratio must be in [0, 1]"),
+            (self.ckd.temperature > 0, "ckd.temperature must be > 0"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (self.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
+            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+            (self.train.batch_size % self.train.micro_batch_size == 0,
+             "train.batch_size must be a multiple of train.micro_batch_size"),
+            (self.train.epochs >= 1, "train.epochs must be >= 1"),
+            (self.train.max_steps >= 0, "train.max_steps must be >= 0"),
+            (self.train.save_every >= 1, "train.save_every must be >= 1"),
+            (self.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+            (self.train.dtype in ("bfloat16", "float32"),
+             "train.dtype must be 'bfloat16' or 'float32'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name, spec in (("teacher", self.teacher.model), ("student", self.student.model)):
+            if not spec.path and not spec.config:
+                raise ValueError(f"{name}.model needs a path or a config")
+        return self
+
+
+def _build(cls, values: dict, where: str):
+    """Instantiate dataclass ``cls`` from a dict, recursing into dataclass fields."""
+    if not isinstance(values, dict):
+        raise ValueError(f"[{where}] must be a table, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{where}]: {', '.join(unknown)}; "
+                         f"known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        ftype = known[name].type
+        sub = _DATACLASSES.get(ftype) if isinstance(ftype, str) else None
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+_DATACLASSES = {c.__name__: c for c in (ModelSpec, DataConfig, TeacherConfig, StudentConfig,
+                                        CKDLossConfig, TrainConfig)}
+
+
+def config_from_dict(values: dict) -> CKDRunConfig:
+    return _build(CKDRunConfig, values, "config").validate()
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> CKDRunConfig:
+    """Read a TOML run config; ``overrides`` (``{"train.lr": 1e-5}``) win over the file.
+    A relative ``data.path`` / ``train.out_dir`` / model ``path`` is taken relative to the
+    config file's folder."""
+    path = Path(path)
+    with path.open("rb") as f:
+        values = tomllib.load(f)
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg = config_from_dict(values)
+    base = path.resolve().parent
+    cfg.data.path = _resolve(base, cfg.data.path)
+    cfg.train.out_dir = _resolve(base, cfg.train.out_dir)
+    for spec in (cfg.teacher.model, cfg.student.model):
+        spec.path = _resolve(base, spec.path) if spec.path else ""
+    return cfg
+
+
+def _resolve(base: Path, p: str) -> str:
+    return str(p if Path(p).is_absolute() else base / p)
+
+
+def config_to_dict(cfg: CKDRunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,86 @@
+"""Tokenized training examples: STAR records -> (input_ids, labels) with the prompt masked.
+
+Labels are aligned with ``input_ids`` (Hugging Face convention): ``labels[t]`` is the
+token the model must predict at ``t`` from the prefix before it, ``-100`` on the prompt.
+The *target positions* of an example are the ``t >= 1`` with ``labels[t] != -100``; the
+teacher cache and the CKD loss both walk them in this order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .config import DataConfig
+from .data import build_example, load_records
+from .tokenizer import encode_example
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    index: int                # position in the dataset (the unit the schedule and cache use)
+    record_id: str
+    input_ids: torch.Tensor   # int64 [T]
+    labels: torch.Tensor      # int64 [T], IGNORE on the prompt
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        mask = self.labels != IGNORE
+        mask[0] = False  # nothing predicts the first token
+        return mask
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+
+def load_examples(cfg: DataConfig, tokenizer) -> list[Example]:
+    records = load_records(cfg.path)
+    if cfg.limit:
+        records = records[:cfg.limit]
+    examples = []
+    for index, record in enumerate(records):
+        prompt, target = build_example(record)
+        enc = encode_example(tokenizer, prompt, target, max_length=cfg.max_length)
+        examples.append(Example(index, str(record.get("id", index)),
+                                torch.as_tensor(enc["input_ids"], dtype=torch.long),
+                                torch.as_tensor(enc["labels"], dtype=torch.long)))
+    return examples
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """A digest of every token and label: covers the data, the renderer, the tokenizer
+    and the truncation, so a teacher cache built for other inputs is never reused."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(ex.input_ids.numpy().tobytes())
+        digest.update(ex.labels.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``target_mask`` ``[B, T]``."""
+    width = max(len(ex.input_ids) for ex in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    target_mask = torch.zeros((batch, width), dtype=torch.bool)
+    labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = ex.input_ids
+        attention_mask[row, :n] = 1
+        target_mask[row, :n] = ex.target_mask
+        labels[row, :n] = ex.labels
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "target_mask": target_mask, "labels": labels}
+
+
+def target_hidden(hidden: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden states that predict the target tokens, ``[num_targets, H]``, in the
+    order of the target positions (row-major over the batch)."""
+    return hidden[:, :-1][target_mask[:, 1:].to(hidden.device)]

@@ -1,0 +1,139 @@
+"""The teacher's top-k log-probs over every target token, computed once and stored on disk.
+
+The CKD loss needs, per response token, the teacher's top-k ids and their log-probs
+(normalised over the full vocabulary). The teacher runs its trunk only and
+``star_kernels.fused_linear_topk_logprobs`` picks the top-k from hidden states, so no
+``[tokens x vocab]`` teacher logits exist at any point.
+
+Layout: ``meta.json`` (k, teacher, the examples' fingerprint, shard size) and
+``shard-00000.safetensors`` ... with ``ids`` ``[rows, k]`` int32, ``logprobs`` ``[rows, k]``
+float32 and ``offsets`` ``[examples + 1]`` int64 (the rows of example ``i`` of the shard are
+``offsets[i]:offsets[i + 1]``). A shard is written under a temporary name and renamed,
+so building resumes after an interruption by skipping the shards that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import star_kernels as sk
+from star_kernels.hf import hidden_states
+
+from .examples import Example, collate, target_hidden
+
+
+def _shard_path(directory: Path, shard: int) -> Path:
+    return directory / f"shard-{shard:05d}.safetensors"
+
+
+def _check_meta(directory: Path, meta: dict):
+    path = directory / "meta.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(key for key in meta if old.get(key) != meta[key])
+        if changed:
+            raise ValueError(f"teacher cache {directory} was built for other settings "
+                             f"({', '.join(f'{k}: {old.get(k)!r} -> {meta[k]!r}' for k in changed)}); "
+                             "use another cache folder or delete it")
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(meta, indent=1))
+
+
+@torch.no_grad()
+def build_teacher_cache(teacher, examples: list[Example], directory: str | Path, *, k: int,
+                        batch_size: int, shard_size: int, fingerprint: str, teacher_name: str,
+                        pad_id: int, progress=None) -> Path:
+    """Fill ``directory`` with the teacher's top-k for every target token of ``examples``."""
+    directory = Path(directory)
+    meta = {"k": k, "teacher": teacher_name, "fingerprint": fingerprint,
+            "num_examples": len(examples), "shard_size": shard_size}
+    _check_meta(directory, meta)
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    for shard, start in enumerate(range(0, len(examples), shard_size)):
+        path = _shard_path(directory, shard)
+        if path.exists():
+            continue
+        members = examples[start:start + shard_size]
+        ids, logprobs, counts = [], [], []
+        for first in range(0, len(members), batch_size):
+            group = members[first:first + batch_size]
+            batch = collate(group, pad_id)
+            hidden, weight, bias = hidden_states(teacher, batch["input_ids"].to(device),
+                                                 batch["attention_mask"].to(device))
+            rows = target_hidden(hidden, batch["target_mask"])
+            if rows.shape[0]:
+                top_ids, top_logprobs = sk.fused_linear_topk_logprobs(rows, weight, k, bias=bias)
+                ids.append(top_ids.to("cpu", torch.int32))
+                logprobs.append(top_logprobs.to("cpu", torch.float32))
+            counts.extend(ex.num_targets for ex in group)
+            if progress is not None:
+                progress(len(group))
+        offsets = torch.zeros(len(members) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
+        tensors = {
+            "ids": torch.cat(ids) if ids else torch.zeros((0, k), dtype=torch.int32),
+            "logprobs": torch.cat(logprobs) if logprobs else torch.zeros((0, k)),
+            "offsets": offsets,
+        }
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    return directory
+
+
+class TeacherCache:
+    """Read access to a complete cache: ``cache[i]`` -> ``(ids [n_i, k] int64, logprobs [n_i, k])``."""
+
+    def __init__(self, directory: str | Path, fingerprint: str | None = None):
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"no teacher cache in {self.directory} (meta.json missing)")
+        self.meta = json.loads(meta_path.read_text())
+        if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
+            raise ValueError(f"teacher cache {self.directory} was built for other examples")
+        self.k = self.meta["k"]
+        self.shard_size = self.meta["shard_size"]
+        num_shards = -(-self.meta["num_examples"] // self.shard_size)
+        missing = [s for s in range(num_shards) if not _shard_path(self.directory, s).exists()]
+        if missing:
+            raise FileNotFoundError(f"teacher cache {self.directory} is incomplete: shard(s) "
+                                    f"{missing[:5]} missing; build it again to resume")
+        self._files = [safe_open(str(_shard_path(self.directory, s)), framework="pt")
+                       for s in range(num_shards)]
+        self._offsets = [f.get_tensor("offsets") for f in self._files]
+
+    def __len__(self) -> int:
+        return self.meta["num_examples"]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} is not in the cache ({len(self)} examples)")
+        shard, row = divmod(index, self.shard_size)
+        begin, end = self._offsets[shard][row].item(), self._offsets[shard][row + 1].item()
+        f = self._files[shard]
+        # get_slice reads only these rows from the memory-mapped file.
+        ids = f.get_slice("ids")[begin:end].long()
+        return ids, f.get_slice("logprobs")[begin:end]
+
+    def num_targets(self, index: int) -> int:
+        shard, row = divmod(index, self.shard_size)
+        return int(self._offsets[shard][row + 1] - self._offsets[shard][row])
+
+
+def cache_is_complete(directory: str | Path) -> bool:
+    directory = Path(directory)
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text())
+    num_shards = -(-meta["num_examples"] // meta["shard_size"])
+    return all(_shard_path(directory, s).exists() for s in range(num_shards))
