@@ -21,9 +21,12 @@ def _override(text: str) -> tuple[str, object]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="star-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="CKD on tiny models built from configs (no downloads)")
-    demo.add_argument("--steps", type=int, default=200)
+    demo = sub.add_parser("demo", help="the CKD stage on packaged sample data with tiny "
+                                       "models built from configs (no downloads)")
+    demo.add_argument("--steps", type=int, default=0, help="cap on optimizer steps "
+                      "(default: two epochs over the sample)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default=None, help="run folder (default: a new temporary one)")
     ckd = sub.add_parser("ckd", help="STAR stage 1: teacher top-k cache + CKD training "
                                      "(resumes from the newest checkpoint in train.out_dir)")
     ckd.add_argument("--config", required=True, help="TOML run config (see configs/)")
@@ -33,7 +36,7 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import run
 
-        result = run(steps=args.steps, seed=args.seed)
+        result = run(out_dir=args.out, steps=args.steps, seed=args.seed)
         return 0 if result["kl_after"] < result["kl_before"] else 1
     if args.command == "ckd":
         from .ckd import run_ckd

@@ -163,7 +163,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> CKDRunConfig
 
 
 def _resolve(base: Path, p: str) -> str:
-    return str(p if Path(p).is_absolute() else base / p)
+    return str((base / p).resolve())  # an absolute p replaces base
 
 
 def config_to_dict(cfg: CKDRunConfig) -> dict:

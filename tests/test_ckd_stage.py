@@ -93,6 +93,15 @@ def test_config_file_relative_paths_and_overrides(tmp_path):
     assert (cfg.ckd.tail_coef, cfg.ckd.student_topm, cfg.teacher.k) == (10.0, 100, 100)
 
 
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.glob("ckd-*.toml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(path)
+        assert Path(cfg.train.out_dir).is_absolute() and ".." not in Path(cfg.data.path).parts
+
+
 @pytest.mark.parametrize("values, match", [
     ({"trian": {}}, "trian"),
     ({"train": {"learning_rate": 1}}, "learning_rate"),
