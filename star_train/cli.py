@@ -1,4 +1,5 @@
-"""Command line: ``star-train demo`` and ``star-train ckd --config run.toml``."""
+"""Command line: ``star-train demo``, ``star-train ckd --config run.toml`` and
+``star-train simrl --config run.toml``."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def main(argv=None) -> int:
     ckd.add_argument("--config", required=True, help="TOML run config (see configs/)")
     ckd.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    simrl = sub.add_parser("simrl", help="STAR stage 2: GRPO with the similarity reward "
+                                         "(resumes from the newest checkpoint in train.out_dir)")
+    simrl.add_argument("--config", required=True, help="TOML run config (see configs/)")
+    simrl.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                       metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
@@ -43,6 +49,12 @@ def main(argv=None) -> int:
         from .config import load_config
 
         run_ckd(load_config(args.config, dict(args.overrides)))
+        return 0
+    if args.command == "simrl":
+        from .config import load_simrl_config
+        from .simrl import run_simrl
+
+        run_simrl(load_simrl_config(args.config, dict(args.overrides)))
         return 0
     return 2
 

@@ -168,3 +168,129 @@ def _resolve(base: Path, p: str) -> str:
 
 def config_to_dict(cfg: CKDRunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- STAR stage 2: Sim-RL
+# A separate run config (sections [data], [policy], [rollout], [grpo], [train]); defaults
+# are STAR's released Sim-RL settings where shared/STAR.md gives them.
+
+@dataclass
+class SimRLDataConfig:
+    path: str = ""                  # STAR messages+tools jsonl (the last message is the reference)
+    max_prompt_length: int = 5120   # longer prompts are skipped (counted and logged)
+    limit: int = 0                  # use only the first N records (0 = all)
+
+
+@dataclass
+class PolicyConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)  # e.g. the CKD stage's final/ folder
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    num_samples: int = 8            # completions per prompt (the GRPO group)
+    prompts_per_step: int = 32      # kept prompt groups wanted per optimizer step (not in STAR.md)
+    max_sampling_rounds: int = 4    # dynamic filtering: rounds of refills before training anyway
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    generate_batch_prompts: int = 8  # prompts per generate() call (x num_samples sequences)
+
+
+@dataclass
+class GRPOConfig:
+    clip_eps: float = 0.2
+    kl_coef: float = 1e-3
+    kl_estimator: str = "k2"        # k1 | k2 | k3
+
+
+@dataclass
+class SimRLTrainConfig:
+    out_dir: str = "runs/simrl"
+    lr: float = 3e-7
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8       # sequences per forward/backward (gradient accumulation)
+    episodes: int = 3               # passes over the prompts
+    max_steps: int = 0              # stop after this many optimizer steps (0 = the episodes)
+    dtype: str = "bfloat16"         # autocast compute dtype; parameters and AdamW stay fp32
+    device: str = "auto"
+    save_every: int = 20
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+
+
+@dataclass
+class SimRLRunConfig:
+    data: SimRLDataConfig = field(default_factory=SimRLDataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: SimRLTrainConfig = field(default_factory=SimRLTrainConfig)
+
+    def validate(self) -> "SimRLRunConfig":
+        d, r, g, t = self.data, self.rollout, self.grpo, self.train
+        checks = [
+            (d.path, "data.path must name a STAR jsonl file"),
+            (d.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
+            (d.limit >= 0, "data.limit must be >= 0"),
+            (r.num_samples >= 2, "rollout.num_samples must be >= 2 (group advantages need "
+                                 "a spread)"),
+            (r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
+            (r.max_sampling_rounds >= 1, "rollout.max_sampling_rounds must be >= 1"),
+            (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+            (r.temperature > 0, "rollout.temperature must be > 0"),
+            (r.generate_batch_prompts >= 1, "rollout.generate_batch_prompts must be >= 1"),
+            (g.clip_eps >= 0, "grpo.clip_eps must be >= 0"),
+            (g.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
+            (g.kl_estimator in ("k1", "k2", "k3"), "grpo.kl_estimator must be k1, k2 or k3"),
+            (t.lr > 0, "train.lr must be > 0"),
+            (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
+            (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+            (t.episodes >= 1, "train.episodes must be >= 1"),
+            (t.max_steps >= 0, "train.max_steps must be >= 0"),
+            (t.save_every >= 1, "train.save_every must be >= 1"),
+            (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+            (t.log_every >= 1, "train.log_every must be >= 1"),
+            (t.dtype in ("bfloat16", "float32"), "train.dtype must be 'bfloat16' or 'float32'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if not self.policy.model.path and not self.policy.model.config:
+            raise ValueError("policy.model needs a path or a config")
+        return self
+
+
+_DATACLASSES.update({c.__name__: c for c in (SimRLDataConfig, PolicyConfig, RolloutConfig,
+                                             GRPOConfig, SimRLTrainConfig)})
+
+
+def simrl_config_from_dict(values: dict) -> SimRLRunConfig:
+    return _build(SimRLRunConfig, values, "config").validate()
+
+
+def load_simrl_config(path: str | Path, overrides: dict | None = None) -> SimRLRunConfig:
+    """Read a TOML Sim-RL run config, as :func:`load_config` does for CKD: ``overrides``
+    (``{"train.lr": 1e-6}``) win over the file; a relative ``data.path``, ``train.out_dir``
+    or ``policy.model.path`` is taken relative to the config file's folder."""
+    path = Path(path)
+    with path.open("rb") as f:
+        values = tomllib.load(f)
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg = simrl_config_from_dict(values)
+    base = path.resolve().parent
+    cfg.data.path = _resolve(base, cfg.data.path)
+    cfg.train.out_dir = _resolve(base, cfg.train.out_dir)
+    spec = cfg.policy.model
+    spec.path = _resolve(base, spec.path) if spec.path else ""
+    return cfg
