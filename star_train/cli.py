@@ -38,6 +38,18 @@ def main(argv=None) -> int:
     simrl.add_argument("--config", required=True, help="TOML run config (see configs/)")
     simrl.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                        metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    ev = sub.add_parser("eval", help="BFCL v3 single-turn evaluation of a local model "
+                                     "(data and AST checker from nvidia-bfcl, offline)")
+    ev.add_argument("--model", required=True, help="local Hugging Face model folder")
+    ev.add_argument("--categories", default=None,
+                    help="comma-separated BFCL categories (default: all supported)")
+    ev.add_argument("--limit", type=int, default=None, help="first N samples per category")
+    ev.add_argument("--max-new-tokens", type=int, default=2048)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ev.add_argument("--results", default=None, help="write per-sample results (jsonl) here")
+    ev.add_argument("--out", default=None, help="write the summary (json) here")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
@@ -56,7 +68,31 @@ def main(argv=None) -> int:
 
         run_simrl(load_simrl_config(args.config, dict(args.overrides)))
         return 0
+    if args.command == "eval":
+        return _evaluate(args)
     return 2
+
+
+def _evaluate(args) -> int:
+    from pathlib import Path
+
+    from . import bfcl
+    from .config import ModelSpec
+    from .models import DTYPES, load_model, resolve_device
+    from .tokenizer import qwen3_tokenizer
+
+    categories = args.categories.split(",") if args.categories else bfcl.CATEGORIES
+    model = load_model(ModelSpec(path=args.model), DTYPES[args.dtype],
+                       resolve_device(args.device))
+    summary = bfcl.evaluate(model, qwen3_tokenizer(), categories, limit=args.limit,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            results_path=args.results)
+    for name, row in summary["categories"].items():
+        print(f"{name:24s} {row['accuracy']:7.2%}  ({row['correct']}/{row['total']})")
+    print(f"{'overall (unweighted)':24s} {summary['overall_accuracy']:7.2%}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

@@ -140,11 +140,8 @@ def config_from_dict(values: dict) -> CKDRunConfig:
     return _build(CKDRunConfig, values, "config").validate()
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> CKDRunConfig:
-    """Read a TOML run config; ``overrides`` (``{"train.lr": 1e-5}``) win over the file.
-    A relative ``data.path`` / ``train.out_dir`` / model ``path`` is taken relative to the
-    config file's folder."""
-    path = Path(path)
+def _read_toml(path: Path, overrides: dict | None) -> dict:
+    """The file's tables with ``overrides`` (``{"train.lr": 1e-5}``) written over them."""
     with path.open("rb") as f:
         values = tomllib.load(f)
     for dotted, value in (overrides or {}).items():
@@ -153,12 +150,24 @@ def load_config(path: str | Path, overrides: dict | None = None) -> CKDRunConfig
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    cfg = config_from_dict(values)
-    base = path.resolve().parent
+    return values
+
+
+def _resolve_paths(cfg, base: Path, model_specs) -> None:
+    """Relative ``data.path``, ``train.out_dir`` and model paths are relative to ``base``."""
     cfg.data.path = _resolve(base, cfg.data.path)
     cfg.train.out_dir = _resolve(base, cfg.train.out_dir)
-    for spec in (cfg.teacher.model, cfg.student.model):
+    for spec in model_specs:
         spec.path = _resolve(base, spec.path) if spec.path else ""
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> CKDRunConfig:
+    """Read a TOML run config; ``overrides`` (``{"train.lr": 1e-5}``) win over the file.
+    A relative ``data.path`` / ``train.out_dir`` / model ``path`` is taken relative to the
+    config file's folder."""
+    path = Path(path)
+    cfg = config_from_dict(_read_toml(path, overrides))
+    _resolve_paths(cfg, path.resolve().parent, (cfg.teacher.model, cfg.student.model))
     return cfg
 
 
@@ -279,18 +288,6 @@ def load_simrl_config(path: str | Path, overrides: dict | None = None) -> SimRLR
     (``{"train.lr": 1e-6}``) win over the file; a relative ``data.path``, ``train.out_dir``
     or ``policy.model.path`` is taken relative to the config file's folder."""
     path = Path(path)
-    with path.open("rb") as f:
-        values = tomllib.load(f)
-    for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = values
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    cfg = simrl_config_from_dict(values)
-    base = path.resolve().parent
-    cfg.data.path = _resolve(base, cfg.data.path)
-    cfg.train.out_dir = _resolve(base, cfg.train.out_dir)
-    spec = cfg.policy.model
-    spec.path = _resolve(base, spec.path) if spec.path else ""
+    cfg = simrl_config_from_dict(_read_toml(path, overrides))
+    _resolve_paths(cfg, path.resolve().parent, (cfg.policy.model,))
     return cfg

@@ -358,3 +358,18 @@ def test_model_or_generate_fn_is_required_and_checked():
         bfcl.load_category("simple", limit=0)
     with pytest.raises(ValueError, match="categories"):
         bfcl.load_category("sql")
+
+
+def test_cli_eval_on_a_local_model_folder(tiny_qwen3, tmp_path, capsys):
+    from star_train import cli
+
+    model, _ = tiny_qwen3
+    model.save_pretrained(tmp_path / "model")
+    summary_path = tmp_path / "summary.json"
+    assert cli.main(["eval", "--model", str(tmp_path / "model"), "--categories",
+                     "simple,irrelevance", "--limit", "2", "--max-new-tokens", "4",
+                     "--dtype", "float32", "--device", "cpu", "--out", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert {k: v["total"] for k, v in summary["categories"].items()} == {"simple": 2,
+                                                                         "irrelevance": 2}
+    assert "overall (unweighted)" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch
 
 from star_train import teacher_cache as tc
 from star_train.ckd import run_ckd
-from star_train.config import config_from_dict, load_config
+from star_train.config import config_from_dict, load_config, load_simrl_config
 from star_train.examples import collate, fingerprint, load_examples, target_hidden
 from star_train.models import load_model
 from star_train.schedule import BatchSchedule
@@ -95,10 +95,10 @@ def test_config_file_relative_paths_and_overrides(tmp_path):
 
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
-    paths = sorted(root.glob("ckd-*.toml"))
-    assert paths
+    paths = sorted(root.glob("*.toml"))
+    assert {p.name.split("-")[0] for p in paths} == {"ckd", "simrl"}
     for path in paths:
-        cfg = load_config(path)
+        cfg = (load_config if path.name.startswith("ckd") else load_simrl_config)(path)
         assert Path(cfg.train.out_dir).is_absolute() and ".." not in Path(cfg.data.path).parts
 
 
