@@ -80,7 +80,7 @@ def header(data: dict) -> str:
         f"- command: `{env['command']}`" + (f" (git {env['git'].get('commit', '')[:10]}"
                                             f"{', dirty tree' if env['git'].get('dirty') else ''})"
                                             if env.get("git") else ""),
-        f"- timing: " + ("median of triton.testing.do_bench" if cuda else
+        "- timing: " + ("median of triton.testing.do_bench" if cuda else
                          f"median of {cfg['repeats']} runs after {cfg['warmup']} warm-up") +
         "; memory: transient peak (peak minus inputs and the gradients left in .grad)"
         + ("" if cuda else ", process peak RSS" + (" in a fresh process per row"

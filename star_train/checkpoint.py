@@ -76,6 +76,21 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
+def append_log(path: Path, record: dict):
+    """One JSON line per optimizer step in the run's ``train_log.jsonl``."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, step: int):
+    """Drop log lines of steps after ``step``: their updates died with the interrupted run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def _tied_to_loaded(model, name: str, missing: set) -> bool:
     """safetensors stores one copy of tied parameters, so the other name reports as
     missing: fine when it shares storage with a parameter that was loaded."""

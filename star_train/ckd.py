@@ -26,7 +26,8 @@ import torch
 import star_kernels as sk
 from star_kernels.hf import hidden_states
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (append_log, latest_checkpoint, load_checkpoint, save_checkpoint,
+                         truncate_log)
 from .config import CKDRunConfig, config_to_dict
 from .examples import collate, fingerprint, load_examples, target_hidden
 from .models import DTYPES, load_model, resolve_device
@@ -37,20 +38,6 @@ from .teacher_cache import TeacherCache, build_teacher_cache, cache_is_complete
 def _teacher_name(cfg: CKDRunConfig) -> str:
     spec = cfg.teacher.model
     return spec.path or json.dumps({"config": spec.config, "seed": spec.seed}, sort_keys=True)
-
-
-def _log(path: Path, record: dict):
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int):
-    """Drop log lines of steps after ``step``: their updates died with the interrupted run."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -> dict:
@@ -105,7 +92,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
     if (ckpt := latest_checkpoint(ckpt_root)) is not None:
         start = load_checkpoint(ckpt, student, optimizer, scheduler)["step"]
         log(f"resumed from {ckpt} at step {start}")
-    _truncate_log(log_path, start)
+    truncate_log(log_path, start)
 
     c = cfg.ckd
     ckd_kwargs = dict(tail_coef=c.tail_coef, student_topm=c.student_topm, kd_ratio=c.kd_ratio,
@@ -145,7 +132,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
         scheduler.step()
         done = step + 1
         loss_value = loss_sum / max(num_tokens, 1)
-        _log(log_path, {"step": done, "loss": loss_value, "tokens": num_tokens,
+        append_log(log_path, {"step": done, "loss": loss_value, "tokens": num_tokens,
                         "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                         "examples": indices, "seconds": round(time.perf_counter() - t0, 3)})
         if done % cfg.train.log_every == 0 or done == total:

@@ -48,8 +48,8 @@ import torch
 import star_kernels as sk
 from star_kernels.hf import hidden_states
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .ckd import _log, _truncate_log
+from .checkpoint import (append_log, latest_checkpoint, load_checkpoint, save_checkpoint,
+                         truncate_log)
 from .config import SimRLDataConfig, SimRLRunConfig, config_to_dict
 from .data import build_example, load_records
 from .models import DTYPES, load_model, resolve_device
@@ -400,7 +400,7 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
         step, position = state["step"], state["stream_position"]
         log(f"resumed from {ckpt} at step {step}, stream position {position}")
     start = step
-    _truncate_log(log_path, start)
+    truncate_log(log_path, start)
 
     autocast = (torch.autocast(device.type, dtype=compute_dtype)
                 if compute_dtype != torch.float32 else nullcontext())
@@ -426,7 +426,7 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
                               new_position - position, rounds, scheduler.get_last_lr()[0],
                               time.perf_counter() - t0)
         position = new_position
-        _log(log_path, record)
+        append_log(log_path, record)
         if step % cfg.train.log_every == 0:
             log(_summary_line(record))
         if step % cfg.train.save_every == 0:
