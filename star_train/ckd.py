@@ -19,7 +19,6 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
@@ -28,10 +27,11 @@ from star_kernels.hf import hidden_states
 
 from .checkpoint import (append_log, latest_checkpoint, load_checkpoint, save_checkpoint,
                          truncate_log)
-from .config import CKDRunConfig, config_to_dict
+from .config import CKDRunConfig
 from .examples import collate, fingerprint, load_examples, target_hidden
 from .models import DTYPES, load_model, resolve_device
 from .schedule import BatchSchedule
+from .stage import enable_gradient_checkpointing, open_run, optimizer_and_scheduler
 from .teacher_cache import TeacherCache, build_teacher_cache, cache_is_complete
 
 
@@ -49,9 +49,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
     tokenizer = tokenizer or qwen3_tokenizer()
     device = resolve_device(cfg.train.device)
     compute_dtype = DTYPES[cfg.train.dtype]
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    out = open_run(cfg)
 
     examples = load_examples(cfg.data, tokenizer)
     digest = fingerprint(examples)
@@ -74,13 +72,9 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
         raise ValueError(f"student vocab_size {student.config.vocab_size} is smaller than the "
                          f"tokenizer's {len(tokenizer)} tokens")
     if cfg.student.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(student)
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
-    warmup = cfg.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    optimizer, scheduler = optimizer_and_scheduler(student, cfg.train)
     schedule = BatchSchedule(len(examples), cfg.train.batch_size, cfg.train.epochs,
                              cfg.train.seed)
     total = schedule.total_steps

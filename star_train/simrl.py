@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -50,11 +48,12 @@ from star_kernels.hf import hidden_states
 
 from .checkpoint import (append_log, latest_checkpoint, load_checkpoint, save_checkpoint,
                          truncate_log)
-from .config import SimRLDataConfig, SimRLRunConfig, config_to_dict
+from .config import SimRLDataConfig, SimRLRunConfig
 from .data import build_example, load_records
 from .models import DTYPES, load_model, resolve_device
 from .reward import group_advantages, keep_group, similarity_reward
 from .schedule import BatchSchedule
+from .stage import enable_gradient_checkpointing, open_run, optimizer_and_scheduler
 
 THINK_OPEN = "<think>\n"  # the prompt ends with it, so the scored response starts with it
 END_OF_TURN = "<|im_end|>"
@@ -364,9 +363,7 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
     tokenizer = tokenizer or qwen3_tokenizer()
     device = resolve_device(cfg.train.device)
     compute_dtype = DTYPES[cfg.train.dtype]
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    out = open_run(cfg)
 
     prompts, skipped = load_prompts(cfg.data, tokenizer)
     log(f"{len(prompts)} prompts; skipped {skipped} longer than "
@@ -384,14 +381,9 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
     # The KL anchor is the initial policy, also after a resume (the checkpoint only
     # overwrites the policy below).
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    if cfg.policy.gradient_checkpointing:  # renamed in transformers 5; the old name warns
-        enable = getattr(policy, "activation_checkpointing_enable", None)
-        (enable or policy.gradient_checkpointing_enable)()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
-    warmup = cfg.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    if cfg.policy.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    optimizer, scheduler = optimizer_and_scheduler(policy, cfg.train)
 
     ckpt_root, log_path = out / "checkpoints", out / "train_log.jsonl"
     step, position = 0, 0
