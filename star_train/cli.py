@@ -28,6 +28,11 @@ def main(argv=None) -> int:
                       "(default: two epochs over the sample)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="run folder (default: a new temporary one)")
+    roll = sub.add_parser("rollouts", help="teacher rollouts: sample, score and keep the "
+                                           "teacher's answers as CKD training records")
+    roll.add_argument("--config", required=True, help="TOML config (see configs/)")
+    roll.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                      metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     ckd = sub.add_parser("ckd", help="STAR stage 1: teacher top-k cache + CKD training "
                                      "(resumes from the newest checkpoint in train.out_dir)")
     ckd.add_argument("--config", required=True, help="TOML run config (see configs/)")
@@ -56,6 +61,12 @@ def main(argv=None) -> int:
 
         result = run(out_dir=args.out, steps=args.steps, seed=args.seed)
         return 0 if result["kl_after"] < result["kl_before"] else 1
+    if args.command == "rollouts":
+        from .config import load_rollout_config
+        from .rollouts import run_rollouts
+
+        run_rollouts(load_rollout_config(args.config, dict(args.overrides)))
+        return 0
     if args.command == "ckd":
         from .ckd import run_ckd
         from .config import load_config

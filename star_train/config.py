@@ -291,3 +291,88 @@ def load_simrl_config(path: str | Path, overrides: dict | None = None) -> SimRLR
     cfg = simrl_config_from_dict(_read_toml(path, overrides))
     _resolve_paths(cfg, path.resolve().parent, (cfg.policy.model,))
     return cfg
+
+
+# ---------------------------------------------------------------- teacher rollouts
+# Defaults: STAR's n = 8 rollouts per seed prompt; the sampling temperature and the
+# keep rule are not given in shared/STAR.md (ours: temperature 1.0, keep completions
+# whose similarity reward against the seed's reference is at least 1.0, i.e. exact).
+
+@dataclass
+class RolloutDataConfig:
+    path: str = ""                  # seed records, STAR messages+tools jsonl (last = reference)
+    max_prompt_length: int = 5120   # longer prompts are skipped (counted)
+    limit: int = 0
+
+
+@dataclass
+class RolloutTeacherConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+
+
+@dataclass
+class RolloutSamplingConfig:
+    num_samples: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 512
+    generate_batch_prompts: int = 4
+    min_reward: float = 1.0         # keep a rollout when its reward is >= this
+    dedupe: bool = True             # keep identical kept completions of one prompt once
+
+
+@dataclass
+class RolloutOutputConfig:
+    out_dir: str = "runs/rollouts"  # shards, the merged rollouts.jsonl and summary.json
+    shard_size: int = 64            # seed prompts per shard (the unit of resumption)
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class RolloutRunConfig:
+    data: RolloutDataConfig = field(default_factory=RolloutDataConfig)
+    teacher: RolloutTeacherConfig = field(default_factory=RolloutTeacherConfig)
+    sampling: RolloutSamplingConfig = field(default_factory=RolloutSamplingConfig)
+    output: RolloutOutputConfig = field(default_factory=RolloutOutputConfig)
+
+    def validate(self) -> "RolloutRunConfig":
+        d, s, o = self.data, self.sampling, self.output
+        checks = [
+            (d.path, "data.path must name a STAR jsonl file"),
+            (d.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
+            (d.limit >= 0, "data.limit must be >= 0"),
+            (s.num_samples >= 1, "sampling.num_samples must be >= 1"),
+            (s.temperature > 0, "sampling.temperature must be > 0"),
+            (s.max_new_tokens >= 1, "sampling.max_new_tokens must be >= 1"),
+            (s.generate_batch_prompts >= 1, "sampling.generate_batch_prompts must be >= 1"),
+            (-1.0 <= s.min_reward <= 1.0, "sampling.min_reward must be in [-1, 1]"),
+            (o.shard_size >= 1, "output.shard_size must be >= 1"),
+            (o.dtype in ("bfloat16", "float32"), "output.dtype must be 'bfloat16' or 'float32'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if not self.teacher.model.path and not self.teacher.model.config:
+            raise ValueError("teacher.model needs a path or a config")
+        return self
+
+
+_DATACLASSES.update({c.__name__: c for c in (RolloutDataConfig, RolloutTeacherConfig,
+                                             RolloutSamplingConfig, RolloutOutputConfig)})
+
+
+def rollout_config_from_dict(values: dict) -> RolloutRunConfig:
+    return _build(RolloutRunConfig, values, "config").validate()
+
+
+def load_rollout_config(path: str | Path, overrides: dict | None = None) -> RolloutRunConfig:
+    """Read a TOML teacher-rollout config (paths relative to the file, as for the stages)."""
+    path = Path(path)
+    cfg = rollout_config_from_dict(_read_toml(path, overrides))
+    base = path.resolve().parent
+    cfg.data.path = _resolve(base, cfg.data.path)
+    cfg.output.out_dir = _resolve(base, cfg.output.out_dir)
+    spec = cfg.teacher.model
+    spec.path = _resolve(base, spec.path) if spec.path else ""
+    return cfg

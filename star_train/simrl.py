@@ -68,6 +68,7 @@ class RLPrompt:
     ids: torch.Tensor        # int64 [P], the rendered prompt ending with "<think>\n"
     reference: dict          # the record's last (assistant) message
     tools: list
+    record_position: int     # the record's line among the loaded records
 
 
 def load_prompts(cfg: SimRLDataConfig, tokenizer) -> tuple[list[RLPrompt], int]:
@@ -84,7 +85,7 @@ def load_prompts(cfg: SimRLDataConfig, tokenizer) -> tuple[list[RLPrompt], int]:
             continue
         prompts.append(RLPrompt(len(prompts), str(record.get("id", position)),
                                 torch.as_tensor(ids, dtype=torch.long),
-                                record["messages"][-1], record["tools"]))
+                                record["messages"][-1], record["tools"], position))
     return prompts, skipped
 
 

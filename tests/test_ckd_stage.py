@@ -8,7 +8,8 @@ import torch
 
 from star_train import teacher_cache as tc
 from star_train.ckd import run_ckd
-from star_train.config import config_from_dict, load_config, load_simrl_config
+from star_train.config import (config_from_dict, load_config, load_rollout_config,
+                               load_simrl_config)
 from star_train.examples import collate, fingerprint, load_examples, target_hidden
 from star_train.models import load_model
 from star_train.schedule import BatchSchedule
@@ -96,10 +97,12 @@ def test_config_file_relative_paths_and_overrides(tmp_path):
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     paths = sorted(root.glob("*.toml"))
-    assert {p.name.split("-")[0] for p in paths} == {"ckd", "simrl"}
+    loaders = {"ckd": load_config, "simrl": load_simrl_config, "rollouts": load_rollout_config}
+    assert {p.name.split("-")[0] for p in paths} == set(loaders)
     for path in paths:
-        cfg = (load_config if path.name.startswith("ckd") else load_simrl_config)(path)
-        assert Path(cfg.train.out_dir).is_absolute() and ".." not in Path(cfg.data.path).parts
+        cfg = loaders[path.name.split("-")[0]](path)
+        out_dir = cfg.output.out_dir if hasattr(cfg, "output") else cfg.train.out_dir
+        assert Path(out_dir).is_absolute() and ".." not in Path(cfg.data.path).parts
 
 
 @pytest.mark.parametrize("values, match", [
