@@ -214,7 +214,10 @@ def fused_linear_grpo_loss(
     float64 inputs; 0 with zero gradients for an all-false mask) and detached
     masked token means ``clip_fraction`` (tokens whose clipped branch is
     active), ``mean_kl`` (of the chosen estimator; 0 without ``ref_logprobs``)
-    and ``mean_ratio``.
+    and ``mean_ratio``, plus ``logprobs``: the detached log-probs of
+    ``token_ids`` under the current weights, shaped like ``token_ids`` (0 where
+    ``mask`` is false). On-policy (``old_logprobs=None``) they are the
+    behaviour log-probs a later PPO epoch needs, without another forward pass.
     """
     low, high = _clip_range(clip_eps)
     _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs,
@@ -263,5 +266,7 @@ def fused_linear_grpo_loss(
         "mean_kl": torch.zeros((), dtype=ctype, device=hidden.device) if kl is None
         else token_mean(kl),
         "mean_ratio": token_mean(ratio),
+        "logprobs": torch.zeros(token_ids.numel(), dtype=ctype, device=hidden.device)
+        .index_copy_(0, rows, logp.to(ctype)).view(token_ids.shape),
     }
     return loss.to(ctype), diagnostics

@@ -15,9 +15,9 @@ killed and restarted at any point. Each optimizer step:
    ``rollout.prompts_per_step`` groups are kept, it draws the missing number of prompts
    again, for at most ``rollout.max_sampling_rounds`` rounds, then trains on what it has
    (no update at all when nothing was kept);
-4. GRPO update: group-normalised advantages, old log-probs from the policy before the
-   update and reference log-probs from a frozen copy of the initial policy (both under
-   no_grad), loss = ``star_kernels.fused_linear_grpo_loss`` (PPO clip, k2 KL) on the
+4. GRPO update: group-normalised advantages, reference log-probs from a frozen copy of
+   the initial policy (under no_grad), loss = ``star_kernels.fused_linear_grpo_loss``
+   (PPO clip, k2 KL; on-policy, so the op's own log-probs are the old ones) on the
    trunk's hidden states at the completion positions only: no ``[tokens x vocab]``
    logits, and no lm_head work on prompt tokens. Token mean over all of the step's
    completion tokens however they are split into micro-batches; AdamW; grad clipping;
@@ -28,7 +28,7 @@ killed and restarted at any point. Each optimizer step:
 Parameters stay in fp32 (updates at lr 3e-7 vanish in bf16); ``train.dtype`` bfloat16
 runs generation and the forward/backward passes under autocast. The policy samples in
 eval mode and is trained in train mode: with dropout 0 (Qwen3's default) both are the
-same function, so the ratio of an on-policy step is 1 up to kernel rounding.
+same function, so the training pass's log-probs are the sampling policy's.
 """
 
 from __future__ import annotations
@@ -301,24 +301,26 @@ def grpo_update(policy, reference, optimizer, groups: list[PromptGroup], cfg, de
         batch = pack_sequences([(p, c) for p, c, _ in part], pad_id)
         lengths = [len(c) for _, c, _ in part]
         share = sum(lengths) / total_tokens
-        policy.eval()
-        old = completion_logprobs(policy, batch, device, autocast, cfg.rollout.temperature)
         ref = completion_logprobs(reference, batch, device, autocast, cfg.rollout.temperature)
         policy.train()
         hidden, weight, bias, ids = completion_rows(policy, batch, device, autocast)
         advantages = torch.tensor([a for _, _, a in part], dtype=torch.float32,
                                   device=device).repeat_interleave(
                                       torch.tensor(lengths, device=device))
+        # One update per sampled batch, so the behaviour policy is the current one:
+        # old_logprobs=None (ratio exp(logp - logp.detach())) gives the same loss and
+        # gradient as passing them, and the op returns them without a second forward.
         loss, stats = sk.fused_linear_grpo_loss(
             hidden, weight, ids, advantages, torch.ones_like(ids, dtype=torch.bool),
-            old_logprobs=old, ref_logprobs=ref, clip_eps=g.clip_eps, kl_coef=g.kl_coef,
+            old_logprobs=None, ref_logprobs=ref, clip_eps=g.clip_eps, kl_coef=g.kl_coef,
             kl_estimator=g.kl_estimator, temperature=cfg.rollout.temperature, bias=bias,
             loss_agg="token_mean")
         (loss * share).backward()
         loss_sum += loss.item() * share
         kl_sum += stats["mean_kl"].item() * share
         clip_sum += stats["clip_fraction"].item() * share
-        for owner, o, r in zip(owners[first:first + micro], old.cpu().split(lengths),
+        old = stats["logprobs"].float().cpu()
+        for owner, o, r in zip(owners[first:first + micro], old.split(lengths),
                                ref.cpu().split(lengths)):
             owner.old_logprobs.append(o)
             owner.ref_logprobs.append(r)
