@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     ev.add_argument("--results", default=None, help="write per-sample results (jsonl) here")
     ev.add_argument("--out", default=None, help="write the summary (json) here")
     args = parser.parse_args(argv)
+    # Per-file "Loading weights" bars would drown the stages' own progress lines.
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     if args.command == "demo":
         from .demo import run
 

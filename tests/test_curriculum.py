@@ -1,0 +1,76 @@
+"""The whole curriculum chained through its files: teacher rollouts -> CKD -> Sim-RL -> BFCL.
+
+Tiny models, so nothing here measures learning; what it checks is that each stage reads
+what the previous one wrote (records, model folders) and runs to the end.
+"""
+
+import json
+
+import torch
+
+from star_train import bfcl, rollouts
+from star_train.ckd import run_ckd
+from star_train.config import (ModelSpec, config_from_dict, rollout_config_from_dict,
+                               simrl_config_from_dict)
+from star_train.data import build_example, load_records
+from star_train.demo import SAMPLE, tiny_qwen3
+from star_train.models import load_model
+from star_train.rollouts import run_rollouts
+from star_train.simrl import run_simrl
+from star_train.tokenizer import qwen3_tokenizer
+
+
+def _teacher_that_answers_right(tokenizer):
+    """Sampling stand-in: every sample is the seed's reference answer (a random tiny
+    teacher never produces a valid call, so nothing would reach the CKD stage)."""
+    answers = {build_example(r)[0]: build_example(r)[1].removesuffix("\n")
+               for r in load_records(SAMPLE)}
+
+    def generate(teacher, prompt_ids, num_samples, **kwargs):
+        texts = [answers[tokenizer.decode(ids.tolist(), skip_special_tokens=False)]
+                 for ids in prompt_ids]
+        return [[torch.tensor(tokenizer.encode(t, add_special_tokens=False))] * num_samples
+                for t in texts]
+
+    return generate
+
+
+def test_rollouts_feed_ckd_feeds_simrl_feeds_eval(tmp_path, monkeypatch):
+    tokenizer = qwen3_tokenizer()
+    quiet = dict(tokenizer=tokenizer, log=lambda *_: None)
+    monkeypatch.setattr(rollouts, "generate_completions", _teacher_that_answers_right(tokenizer))
+    teacher_spec = tiny_qwen3(48, 1, seed=7)
+    made = run_rollouts(rollout_config_from_dict({
+        "data": {"path": str(SAMPLE), "limit": 6},
+        "teacher": {"model": teacher_spec},
+        "sampling": {"num_samples": 2},
+        "output": {"out_dir": str(tmp_path / "rollouts"), "dtype": "float32", "device": "cpu"},
+    }), **quiet)
+    assert made["kept"] == 6  # two identical right answers per prompt, deduplicated
+
+    ckd = run_ckd(config_from_dict({
+        "data": {"path": made["rollouts"], "max_length": 384},
+        "teacher": {"model": teacher_spec, "k": 8},
+        "student": {"model": tiny_qwen3(32, 1, seed=8), "gradient_checkpointing": False},
+        "ckd": {"student_topm": 8},
+        "train": {"out_dir": str(tmp_path / "ckd"), "lr": 1e-3, "batch_size": 2,
+                  "micro_batch_size": 2, "dtype": "float32", "device": "cpu"},
+    }), **quiet)
+    assert ckd["steps"] == 3 and ckd["final_loss"] > 0
+
+    rl = run_simrl(simrl_config_from_dict({
+        "data": {"path": str(SAMPLE), "limit": 4},
+        "policy": {"model": {"path": ckd["model_dir"]}, "gradient_checkpointing": False},
+        "rollout": {"num_samples": 2, "prompts_per_step": 2, "max_sampling_rounds": 1,
+                    "max_new_tokens": 4},
+        "train": {"out_dir": str(tmp_path / "simrl"), "max_steps": 1, "dtype": "float32",
+                  "device": "cpu"},
+    }), **quiet)
+    log = [json.loads(line) for line in open(tmp_path / "simrl" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1] and log[0]["groups_sampled"] >= 2
+
+    policy = load_model(ModelSpec(path=rl["model_dir"]), torch.float32, torch.device("cpu"))
+    result = bfcl.evaluate(policy, tokenizer, ["simple", "irrelevance"], limit=2,
+                           max_new_tokens=4, batch_size=2)
+    assert {k: v["total"] for k, v in result["categories"].items()} == {"simple": 2,
+                                                                        "irrelevance": 2}
