@@ -66,6 +66,13 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
         del teacher
         log(f"teacher top-{cfg.teacher.k} cache built in {time.perf_counter() - t0:.1f}s")
     cache = TeacherCache(cache_dir, fingerprint=digest)
+    # A complete cache skips build_teacher_cache and its settings check: do it here.
+    built_for = {"k": cfg.teacher.k, "teacher": _teacher_name(cfg)}
+    changed = sorted(key for key, value in built_for.items() if cache.meta.get(key) != value)
+    if changed:
+        raise ValueError(f"teacher cache {cache_dir} was built for other settings "
+                         f"({', '.join(f'{k}: {cache.meta.get(k)!r} -> {built_for[k]!r}' for k in changed)}); "
+                         "use another train.out_dir or delete the cache")
 
     student = load_model(cfg.student.model, torch.float32, device)
     if student.config.vocab_size < len(tokenizer):

@@ -287,3 +287,19 @@ def test_collate_and_target_rows(tokenizer, run_config):
     first = examples[0]
     want = (first.target_mask.nonzero().squeeze(1) - 1).float()  # hidden at t-1 predicts t
     torch.testing.assert_close(rows[:first.num_targets, 0], want)
+
+
+def test_rerun_with_another_teacher_k_does_not_reuse_the_complete_cache(run_config, tokenizer):
+    """The cache in out_dir was built with k=8; a rerun of the same out_dir with k=6 (or
+    another teacher) must not silently train on the old top-8 cache."""
+    quiet = dict(tokenizer=tokenizer, log=lambda *_: None)
+    run_ckd(run_config(max_steps=1), **quiet)
+    cfg = run_config(max_steps=2)
+    cfg.teacher.k = 6
+    with pytest.raises(ValueError, match="k: 8 -> 6"):
+        run_ckd(cfg, **quiet)
+    other = run_config(max_steps=2)
+    other.teacher.model.path = other.teacher.model.path + "-copy"
+    with pytest.raises(ValueError, match="teacher"):
+        run_ckd(other, **quiet)
+
