@@ -15,6 +15,7 @@ bfloat16 runs the forward/backward under autocast.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -64,6 +65,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
                             batch_size=cfg.teacher.batch_size, shard_size=cfg.teacher.shard_size,
                             fingerprint=digest, teacher_name=_teacher_name(cfg), pad_id=pad_id)
         del teacher
+        gc.collect()  # HF models can sit in reference cycles: free the teacher now
         log(f"teacher top-{cfg.teacher.k} cache built in {time.perf_counter() - t0:.1f}s")
     cache = TeacherCache(cache_dir, fingerprint=digest)
     # A complete cache skips build_teacher_cache and its settings check: do it here.
