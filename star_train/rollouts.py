@@ -128,8 +128,9 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
                  "samples": sum(len(r) for r in rewards),
                  "mean_reward": sum(map(sum, rewards)) / max(1, sum(len(r) for r in rewards)),
                  "kept": len(kept), "seconds": round(time.perf_counter() - t0, 2)}
-        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        # The records file marks the shard done (resume skips it), so it goes last.
         _write_atomic(path.with_suffix(".stats.json"), json.dumps(stats))
+        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"shard {shard}: {stats['kept']} rollouts kept of {stats['samples']} "
             f"(mean reward {stats['mean_reward']:.3f}, {stats['seconds']}s)")
 

@@ -141,3 +141,28 @@ def test_config_errors_name_the_key(section, values, match):
     base[section] = values
     with pytest.raises(ValueError, match=match):
         rollout_config_from_dict(base)
+
+
+def test_killed_between_a_shards_two_files_resumes(tmp_path, tokenizer, monkeypatch):
+    """A shard is two files (records, stats). Killed right after the first of them was
+    written for shard 1, the next run must still finish with the uninterrupted output."""
+    monkeypatch.setattr(rollouts, "generate_completions", _scripted_teacher(tokenizer, []))
+    straight = run_rollouts(_config(tmp_path / "a"), tokenizer=tokenizer, log=lambda *_: None)
+
+    cfg = _config(tmp_path / "b")
+    real = rollouts._write_atomic
+
+    def killed_after_first_file(path, text):
+        real(path, text)
+        if path.name.startswith("shard-00001"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollouts, "_write_atomic", killed_after_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
+    monkeypatch.setattr(rollouts, "_write_atomic", real)
+    resumed = run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
+    assert {k: v for k, v in resumed.items() if k != "rollouts"} == \
+        {k: v for k, v in straight.items() if k != "rollouts"}
+    assert open(resumed["rollouts"]).read() == open(straight["rollouts"]).read()
+
