@@ -58,6 +58,8 @@ def _shard_records(records, prompts, texts_by_prompt, rewards_by_prompt, cfg) ->
         for sample, (text, reward) in enumerate(zip(texts, rewards)):
             if reward < cfg.sampling.min_reward:
                 continue
+            if parse_response(text).error:  # reward -1, passes only min_reward = -1
+                continue  # no think block or broken call JSON: there is no message to keep
             message = answer_message(text)
             key = json.dumps(message, sort_keys=True)
             if cfg.sampling.dedupe and key in seen:

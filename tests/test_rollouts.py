@@ -166,3 +166,10 @@ def test_killed_between_a_shards_two_files_resumes(tmp_path, tokenizer, monkeypa
         {k: v for k, v in straight.items() if k != "rollouts"}
     assert open(resumed["rollouts"]).read() == open(straight["rollouts"]).read()
 
+
+def test_keep_everything_skips_completions_that_do_not_parse(tmp_path, tokenizer):
+    """min_reward = -1 (allowed: 'keep every rollout') also admits malformed completions
+    (reward -1), which cannot become records: they are skipped, not a crash."""
+    summary = run_rollouts(_config(tmp_path, min_reward=-1.0), tokenizer=tokenizer,
+                           log=lambda *_: None)
+    assert summary["samples"] == 15 and summary["kept"] == 0
