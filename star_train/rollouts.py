@@ -108,7 +108,7 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
         if path.exists():
             continue
         if teacher is None:
-            teacher = load_model(cfg.teacher.model, torch.float32, device)
+            teacher = load_model(cfg.teacher.model, dtype, device)  # sampling only: no fp32 master
         t0 = time.perf_counter()
         members = prompts[first:first + size]
         texts, rewards = [], []

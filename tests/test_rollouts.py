@@ -173,3 +173,20 @@ def test_keep_everything_skips_completions_that_do_not_parse(tmp_path, tokenizer
     summary = run_rollouts(_config(tmp_path, min_reward=-1.0), tokenizer=tokenizer,
                            log=lambda *_: None)
     assert summary["samples"] == 15 and summary["kept"] == 0
+
+
+def test_teacher_weights_are_held_in_the_output_dtype(tmp_path, tokenizer, monkeypatch):
+    """output.dtype = bfloat16: the sampling-only teacher is held in bf16 (16 GB for an
+    8B teacher), not as fp32 weights (32 GB) cast to bf16 by autocast on every forward."""
+    seen = []
+
+    def generate(teacher, prompt_ids, num_samples, **kwargs):
+        seen.append({p.dtype for p in teacher.parameters()})
+        return [[torch.tensor([tokenizer.convert_tokens_to_ids("<|im_end|>")])] * num_samples
+                for _ in prompt_ids]
+
+    monkeypatch.setattr(rollouts, "generate_completions", generate)
+    cfg = _config(tmp_path)
+    cfg.output.dtype = "bfloat16"
+    run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
