@@ -86,8 +86,11 @@ def truncate_log(path: Path, step: int):
     """Drop log lines of steps after ``step``: their updates died with the interrupted run."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= step]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # torn while being appended (killed, disk full): its step never saved
+    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 

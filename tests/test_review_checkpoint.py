@@ -1,0 +1,60 @@
+"""Checkpoints and the run log: tied embeddings (as in the real Qwen3-0.6B) survive a
+save/load round trip; a torn last log line does not block a resume."""
+
+import json
+
+import pytest
+import torch
+
+from star_train.checkpoint import (append_log, latest_checkpoint, load_checkpoint,
+                                   save_checkpoint, truncate_log)
+from star_train.config import ModelSpec, TrainConfig
+from star_train.models import load_model
+from star_train.stage import optimizer_and_scheduler
+
+
+def _tied(seed):
+    config = {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "head_dim": 8, "tie_word_embeddings": True}
+    return load_model(ModelSpec(config=config, seed=seed), torch.float32, torch.device("cpu"))
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = _tied(0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    optimizer, scheduler = optimizer_and_scheduler(model, TrainConfig(lr=1e-2, warmup_steps=3))
+    model.lm_head.weight.sum().backward()
+    optimizer.step()
+    scheduler.step()
+    save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"extra": 7})
+
+    other = _tied(1)
+    opt2, sched2 = optimizer_and_scheduler(other, TrainConfig(lr=1e-2, warmup_steps=3))
+    state = load_checkpoint(latest_checkpoint(tmp_path), other, opt2, sched2)
+    assert state == {"step": 1, "extra": 7}
+    assert other.lm_head.weight is other.model.embed_tokens.weight  # still one tensor
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sched2.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_truncate_log_drops_a_torn_last_line(tmp_path):
+    """A run killed (or out of disk) while appending a step's line leaves a partial JSON
+    line; that step never reached its checkpoint, so resuming drops it."""
+    path = tmp_path / "train_log.jsonl"
+    for step in (1, 2, 3):
+        append_log(path, {"step": step, "loss": 0.5})
+    with path.open("a") as f:
+        f.write('{"step": 4, "lo')
+    truncate_log(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    append_log(path, {"step": 3, "loss": 0.25})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_truncate_log_still_rejects_a_corrupt_line_before_the_end(tmp_path):
+    path = tmp_path / "train_log.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(json.JSONDecodeError):
+        truncate_log(path, 2)
