@@ -93,6 +93,7 @@ class CKDRunConfig:
             (0.0 <= self.ckd.kd_ratio <= 1.0, "ckd.kd_ratio must be in [0, 1]"),
             (self.ckd.temperature > 0, "ckd.temperature must be > 0"),
             (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
             (self.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
             (self.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
@@ -103,6 +104,7 @@ class CKDRunConfig:
             (self.train.max_steps >= 0, "train.max_steps must be >= 0"),
             (self.train.save_every >= 1, "train.save_every must be >= 1"),
             (self.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+            (self.train.log_every >= 1, "train.log_every must be >= 1"),
             (self.train.dtype in ("bfloat16", "float32"),
              "train.dtype must be 'bfloat16' or 'float32'"),
         ]

@@ -113,6 +113,8 @@ def test_shipped_configs_load():
     ({"train": {"dtype": "float16"}}, "train.dtype"),
     ({"teacher": {"model": {}}}, "teacher.model"),
     ({"teacher": {"k": 0}}, "teacher.k"),
+    ({"train": {"log_every": 0}}, "train.log_every"),
+    ({"train": {"weight_decay": -1e-4}}, "train.weight_decay"),
 ])
 def test_config_errors_name_the_key(values, match):
     base = {"data": {"path": "x.jsonl"}, "teacher": {"model": {"path": "t"}},
