@@ -59,9 +59,22 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, st
     return final
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG states in place; returns ``state.json``."""
+def load_checkpoint(path: str | Path, model, optimizer, scheduler, run: dict | None = None) -> dict:
+    """Restore model, optimizer, scheduler and RNG states in place; returns ``state.json``.
+
+    ``run`` holds the settings that decide which data each step sees (data fingerprint,
+    batch size, seed, ...); the checkpoint's own (saved under ``state["run"]``) must
+    match, else resuming would silently skip or repeat data, so it raises first.
+    """
     path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    saved = state.get("run", {})
+    changed = sorted(k for k in (run or {}) if saved.get(k) != run[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {run[k]!r}" for k in changed)
+        raise ValueError(f"checkpoint {path} was written by a run with other data settings "
+                         f"({detail}); resuming would skip or repeat data. Restore them or "
+                         "use a new train.out_dir")
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     untied_missing = [n for n in missing if not _tied_to_loaded(model, n, set(missing))]
     if unexpected or untied_missing:
@@ -73,7 +86,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(trainer["rng_cpu"])
     if trainer["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(trainer["rng_cuda"])
-    return json.loads((path / "state.json").read_text())
+    return state
 
 
 def append_log(path: Path, record: dict):

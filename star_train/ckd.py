@@ -32,7 +32,8 @@ from .config import CKDRunConfig
 from .examples import collate, fingerprint, load_examples, target_hidden
 from .models import DTYPES, load_model, resolve_device
 from .schedule import BatchSchedule
-from .stage import enable_gradient_checkpointing, open_run, optimizer_and_scheduler
+from .stage import (enable_gradient_checkpointing, fused_op_dtype, open_run,
+                    optimizer_and_scheduler)
 from .teacher_cache import TeacherCache, build_teacher_cache, cache_is_complete
 
 
@@ -52,7 +53,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
     compute_dtype = DTYPES[cfg.train.dtype]
     out = open_run(cfg)
 
-    examples = load_examples(cfg.data, tokenizer)
+    examples = load_examples(cfg.data, tokenizer, log=log)
     digest = fingerprint(examples)
     pad_id = tokenizer.pad_token_id
     log(f"{len(examples)} examples, {sum(e.num_targets for e in examples)} target tokens")
@@ -90,10 +91,12 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
 
+    run_key = {"data_fingerprint": digest, "batch_size": cfg.train.batch_size,
+               "epochs": cfg.train.epochs, "seed": cfg.train.seed}
     ckpt_root, log_path = out / "checkpoints", out / "train_log.jsonl"
     start = 0
     if (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        start = load_checkpoint(ckpt, student, optimizer, scheduler)["step"]
+        start = load_checkpoint(ckpt, student, optimizer, scheduler, run=run_key)["step"]
         log(f"resumed from {ckpt} at step {start}")
     truncate_log(log_path, start)
 
@@ -120,9 +123,11 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
             with autocast:
                 hidden, weight, bias = hidden_states(student, batch["input_ids"].to(device),
                                                      batch["attention_mask"].to(device))
-            rows = target_hidden(hidden, batch["target_mask"])
-            weight = weight.to(rows.dtype)  # fused op wants one dtype; grads flow to fp32
-            bias = bias.to(rows.dtype) if bias is not None else None
+                dtype = fused_op_dtype(hidden)
+            # One dtype for the fused op; the casts pass the gradients back to fp32.
+            rows = target_hidden(hidden, batch["target_mask"]).to(dtype)
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
             labels = None
             if c.kd_ratio < 1.0:
                 labels = batch["labels"][:, 1:][batch["target_mask"][:, 1:]].to(device)
@@ -143,7 +148,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
                 f"grad norm {float(grad_norm):.3f}")
         if done % cfg.train.save_every == 0 or done == total:
             save_checkpoint(ckpt_root, done, student, optimizer, scheduler,
-                            {"examples_seen": done * cfg.train.batch_size},
+                            {"examples_seen": done * cfg.train.batch_size, "run": run_key},
                             keep=cfg.train.keep_checkpoints)
         if on_step_end is not None:
             on_step_end(done)

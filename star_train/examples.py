@@ -38,17 +38,29 @@ class Example:
         return int(self.target_mask.sum())
 
 
-def load_examples(cfg: DataConfig, tokenizer) -> list[Example]:
+def load_examples(cfg: DataConfig, tokenizer, log=None) -> list[Example]:
+    """Tokenized examples of ``cfg.path``. A record whose answer alone does not fit in
+    ``cfg.max_length`` (with at least one prompt token) is skipped, not truncated: a cut
+    answer would teach stopping mid-call. ``log`` receives the skip count."""
     records = load_records(cfg.path)
     if cfg.limit:
         records = records[:cfg.limit]
-    examples = []
-    for index, record in enumerate(records):
+    examples, skipped = [], 0
+    for position, record in enumerate(records):
         prompt, target = build_example(record)
+        # The rendered turn ends "<|im_end|>\n"; generation stops at <|im_end|>, so the
+        # newline after it is never produced and is not trained.
+        target = target.removesuffix("\n")
+        if len(tokenizer.encode(target, add_special_tokens=False)) >= cfg.max_length:
+            skipped += 1
+            continue
         enc = encode_example(tokenizer, prompt, target, max_length=cfg.max_length)
-        examples.append(Example(index, str(record.get("id", index)),
+        examples.append(Example(len(examples), str(record.get("id", position)),
                                 torch.as_tensor(enc["input_ids"], dtype=torch.long),
                                 torch.as_tensor(enc["labels"], dtype=torch.long)))
+    if skipped and log is not None:
+        log(f"skipped {skipped} records whose answer exceeds data.max_length "
+            f"({cfg.max_length} tokens)")
     return examples
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import time
 import warnings
@@ -53,7 +54,8 @@ from .data import build_example, load_records
 from .models import DTYPES, load_model, resolve_device
 from .reward import group_advantages, keep_group, similarity_reward
 from .schedule import BatchSchedule
-from .stage import enable_gradient_checkpointing, open_run, optimizer_and_scheduler
+from .stage import (enable_gradient_checkpointing, fused_op_dtype, open_run,
+                    optimizer_and_scheduler)
 
 THINK_OPEN = "<think>\n"  # the prompt ends with it, so the scored response starts with it
 END_OF_TURN = "<|im_end|>"
@@ -87,6 +89,16 @@ def load_prompts(cfg: SimRLDataConfig, tokenizer) -> tuple[list[RLPrompt], int]:
                                 torch.as_tensor(ids, dtype=torch.long),
                                 record["messages"][-1], record["tools"], position))
     return prompts, skipped
+
+
+def prompts_fingerprint(prompts: list[RLPrompt]) -> str:
+    """A digest of the prompts' tokens and references: a resumed run must walk the
+    same prompt list for its stream position to mean the same prompts."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(prompt.ids.numpy().tobytes())
+        digest.update(json.dumps(prompt.reference, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
 
 
 class PromptStream:
@@ -262,11 +274,12 @@ def completion_rows(model, batch: dict, device, autocast):
     with autocast:
         hidden, weight, bias = hidden_states(model, batch["input_ids"].to(device),
                                              batch["attention_mask"].to(device))
+        dtype = fused_op_dtype(hidden)
     predicts = batch["completion_mask"][:, 1:].to(device)  # hidden at t-1 predicts token t
-    rows = hidden[:, :-1][predicts]
+    rows = hidden[:, :-1][predicts].to(dtype)
     ids = batch["input_ids"][:, 1:].to(device)[predicts]
-    weight = weight.to(rows.dtype)  # the fused ops want one dtype; grads still reach fp32
-    bias = bias.to(rows.dtype) if bias is not None else None
+    weight = weight.to(dtype)  # the fused ops want one dtype; grads still reach fp32
+    bias = bias.to(dtype) if bias is not None else None
     return rows, weight, bias, ids
 
 
@@ -388,10 +401,12 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
         enable_gradient_checkpointing(policy)
     optimizer, scheduler = optimizer_and_scheduler(policy, cfg.train)
 
+    run_key = {"prompts_fingerprint": prompts_fingerprint(prompts),
+               "episodes": cfg.train.episodes, "seed": cfg.train.seed}
     ckpt_root, log_path = out / "checkpoints", out / "train_log.jsonl"
     step, position = 0, 0
     if (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        state = load_checkpoint(ckpt, policy, optimizer, scheduler)
+        state = load_checkpoint(ckpt, policy, optimizer, scheduler, run=run_key)
         step, position = state["step"], state["stream_position"]
         log(f"resumed from {ckpt} at step {step}, stream position {position}")
     start = step
@@ -425,12 +440,12 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
         if step % cfg.train.log_every == 0:
             log(_summary_line(record))
         if step % cfg.train.save_every == 0:
-            _save(ckpt_root, step, policy, optimizer, scheduler, position, cfg)
+            _save(ckpt_root, step, policy, optimizer, scheduler, position, cfg, run_key)
             saved_at = step
         if on_step_end is not None:
             on_step_end(step, StepReport(step, record, groups))
     if step != saved_at:
-        _save(ckpt_root, step, policy, optimizer, scheduler, position, cfg)
+        _save(ckpt_root, step, policy, optimizer, scheduler, position, cfg, run_key)
 
     final = out / "final"
     policy.save_pretrained(final)
@@ -440,8 +455,9 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
             "skipped_prompts": skipped, "num_prompts": len(prompts), "model_dir": str(final)}
 
 
-def _save(root, step, policy, optimizer, scheduler, position, cfg):
-    save_checkpoint(root, step, policy, optimizer, scheduler, {"stream_position": position},
+def _save(root, step, policy, optimizer, scheduler, position, cfg, run_key):
+    save_checkpoint(root, step, policy, optimizer, scheduler,
+                    {"stream_position": position, "run": run_key},
                     keep=cfg.train.keep_checkpoints)
 
 

@@ -32,3 +32,14 @@ def optimizer_and_scheduler(model, train) -> tuple:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     return optimizer, scheduler
+
+
+def fused_op_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype to hand the fused lm_head ops, called inside the autocast region.
+
+    Under autocast the trunk's residual stream (and so its final norm's output) stays in
+    the fp32 of the parameters, while the fused ops run their GEMMs in the dtype they are
+    given: without a cast a bf16 run would do its lm_head work in fp32.
+    """
+    kind = tensor.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype

@@ -340,3 +340,42 @@ def test_teacher_is_freed_before_the_student_is_loaded(run_config, tokenizer, mo
         if was_enabled:
             gc.enable()
     assert alive_at_student == [False]
+
+
+def test_resume_with_other_data_settings_is_refused(run_config, tokenizer):
+    quiet = dict(tokenizer=tokenizer, log=lambda *_: None)
+    run_ckd(run_config(max_steps=2), **quiet)
+    with pytest.raises(ValueError, match=r"batch_size: 2 -> 1"):
+        run_ckd(run_config(max_steps=3, batch_size=1, micro_batch_size=1), **quiet)
+
+
+def test_bf16_autocast_hands_the_fused_op_bf16(run_config, tokenizer, monkeypatch):
+    """Under autocast the trunk's output stays fp32 (fp32 residual stream); the stage must
+    still run the fused lm_head work in bf16."""
+    import star_kernels as sk
+    from star_train import ckd
+
+    seen = []
+    real = sk.fused_linear_ckd_loss
+
+    def spy(rows, weight, *args, **kwargs):
+        seen.append((rows.dtype, weight.dtype))
+        return real(rows, weight, *args, **kwargs)
+
+    monkeypatch.setattr(ckd.sk, "fused_linear_ckd_loss", spy)
+    run_ckd(run_config(max_steps=1, dtype="bfloat16"), tokenizer=tokenizer, log=lambda *_: None)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_answers_end_at_im_end_and_long_answers_are_skipped(run_config, tokenizer):
+    cfg = run_config()
+    examples = load_examples(cfg.data, tokenizer)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(int(ex.input_ids[-1]) == im_end == int(ex.labels[-1]) for ex in examples)
+    lengths = sorted(int((ex.labels != -100).sum()) for ex in examples)
+    cfg.data.max_length = lengths[2]  # the answers of this length or longer no longer fit
+    logged = []
+    kept = load_examples(cfg.data, tokenizer, log=logged.append)
+    assert len(kept) == sum(n < lengths[2] for n in lengths) < len(examples)
+    assert [ex.index for ex in kept] == list(range(len(kept)))
+    assert logged and "exceeds data.max_length" in logged[0]

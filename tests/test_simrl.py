@@ -408,3 +408,11 @@ def test_interrupted_run_resumes_exactly(make_config, tokenizer, monkeypatch):
         assert torch.equal(wa[name], wb[name]), name
     initial = load_model(cfg.policy.model, torch.float32, torch.device("cpu")).state_dict()
     assert any(not torch.equal(initial[n], w) for n, w in wb.items())  # training moved them
+
+
+def test_resume_with_other_data_settings_is_refused(make_config, tokenizer):
+    cfg = make_config(out="run", train={"max_steps": 1, "save_every": 1})
+    _run(cfg, tokenizer)
+    other_seed = make_config(out="run", train={"max_steps": 2, "save_every": 1, "seed": 2})
+    with pytest.raises(ValueError, match=r"seed: 1 -> 2"):
+        _run(other_seed, tokenizer)
