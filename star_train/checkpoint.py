@@ -49,6 +49,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, st
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    for written in tmp.iterdir():  # on disk before the rename publishes them
+        _fsync(written, os.O_RDONLY)
     _fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (resumed run that crashed right after)
         shutil.rmtree(final)
@@ -116,12 +118,16 @@ def _tied_to_loaded(model, name: str, missing: set) -> bool:
                for other, t in tensors.items() if other != name)
 
 
-def _fsync_dir(path: Path):
+def _fsync(path: Path, flags: int):
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, flags)
     except OSError:
         return
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path):
+    _fsync(path, os.O_RDONLY)

@@ -49,7 +49,7 @@ def response_kl(teacher, student, examples) -> float:
     total, count = 0.0, 0
     for ex in examples:
         sel = ex.target_mask[1:]
-        ids = ex.input_ids[None].to(teacher.device)
+        ids = ex.input_ids[None].long().to(teacher.device)
         p = teacher(ids).logits[0, :-1][sel].float().log_softmax(-1)
         q = student(ids.to(student.device)).logits[0, :-1][sel].float().log_softmax(-1)
         total += (p.exp() * (p - q)).sum().item()

@@ -24,8 +24,8 @@ IGNORE = -100
 class Example:
     index: int                # position in the dataset (the unit the schedule and cache use)
     record_id: str
-    input_ids: torch.Tensor   # int64 [T]
-    labels: torch.Tensor      # int64 [T], IGNORE on the prompt
+    input_ids: torch.Tensor   # int32 [T]
+    labels: torch.Tensor      # int32 [T], IGNORE on the prompt
 
     @property
     def target_mask(self) -> torch.Tensor:
@@ -55,9 +55,10 @@ def load_examples(cfg: DataConfig, tokenizer, log=None) -> list[Example]:
             skipped += 1
             continue
         enc = encode_example(tokenizer, prompt, target, max_length=cfg.max_length)
+        # int32 halves the resident dataset (ids < 2^31); collate widens to int64.
         examples.append(Example(len(examples), str(record.get("id", position)),
-                                torch.as_tensor(enc["input_ids"], dtype=torch.long),
-                                torch.as_tensor(enc["labels"], dtype=torch.long)))
+                                torch.as_tensor(enc["input_ids"], dtype=torch.int32),
+                                torch.as_tensor(enc["labels"], dtype=torch.int32)))
     if skipped and log is not None:
         log(f"skipped {skipped} records whose answer exceeds data.max_length "
             f"({cfg.max_length} tokens)")

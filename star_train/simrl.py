@@ -395,8 +395,9 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
         raise ValueError(f"policy vocab_size {policy.config.vocab_size} is smaller than the "
                          f"tokenizer's {len(tokenizer)} tokens")
     # The KL anchor is the initial policy, also after a resume (the checkpoint only
-    # overwrites the policy below).
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    # overwrites the policy below). Held in the compute dtype: it is only ever run under
+    # autocast, whose matmuls see bf16 weights either way, and fp32 would double its memory.
+    reference = copy.deepcopy(policy).to(compute_dtype).eval().requires_grad_(False)
     if cfg.policy.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     optimizer, scheduler = optimizer_and_scheduler(policy, cfg.train)

@@ -156,7 +156,7 @@ def test_teacher_cache_is_the_full_logits_top_k(run_config, tokenizer, tmp_path)
     assert len(cache) == len(examples) and cache.k == 5
     for ex in examples:
         with torch.no_grad():  # independent ground truth: the model's own full logits, fp64
-            logits = teacher(ex.input_ids[None]).logits[0].double()
+            logits = teacher(ex.input_ids[None].long()).logits[0].double()
         full = logits.log_softmax(-1)[:-1][ex.target_mask[1:]]
         want_logprobs, want_ids = full.topk(5, dim=-1)
         ids, logprobs = cache[ex.index]
@@ -222,8 +222,8 @@ def test_first_step_loss_is_the_full_logits_ckd(run_config, tokenizer):
         for i in logged["examples"]:
             ex = examples[i]
             sel = ex.target_mask[1:]
-            p = teacher(ex.input_ids[None]).logits[0, :-1][sel].double().log_softmax(-1)
-            q = student(ex.input_ids[None]).logits[0, :-1][sel].double().log_softmax(-1)
+            p = teacher(ex.input_ids[None].long()).logits[0, :-1][sel].double().log_softmax(-1)
+            q = student(ex.input_ids[None].long()).logits[0, :-1][sel].double().log_softmax(-1)
             t_logp, t_ids = p.topk(8, dim=-1)
             fkl = (t_logp.exp() * (t_logp - q.gather(1, t_ids))).sum(-1)
             s_ids = q.topk(8, dim=-1).indices
