@@ -29,7 +29,8 @@ import torch
 from .config import RolloutRunConfig, config_to_dict
 from .models import DTYPES, load_model, resolve_device
 from .reward import parse_response, similarity_reward
-from .simrl import END_OF_TURN, THINK_OPEN, generate_completions, load_prompts
+from .simrl import (END_OF_TURN, THINK_OPEN, generate_completions, load_prompts,
+                    prompts_fingerprint)
 
 
 def _shard_seed(seed: int, shard: int, chunk: int) -> int:
@@ -77,6 +78,27 @@ def _write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
+def _check_run(out: Path, cfg: RolloutRunConfig, prompts) -> None:
+    """Shards written under other settings must not be mixed into this run's output."""
+    spec = cfg.teacher.model
+    run = {"prompts_fingerprint": prompts_fingerprint(prompts),
+           "teacher": spec.path or json.dumps({"config": spec.config, "seed": spec.seed},
+                                              sort_keys=True),
+           "shard_size": cfg.output.shard_size, "seed": cfg.output.seed,
+           # every sampling knob, generate_batch_prompts too: it sets the seeded chunks
+           **{f"sampling.{k}": v for k, v in config_to_dict(cfg)["sampling"].items()}}
+    path = out / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in run if old.get(k) != run[k])
+        if changed:
+            raise ValueError(f"{out} holds rollouts made with other settings "
+                             f"({', '.join(f'{k}: {old.get(k)!r} -> {run[k]!r}' for k in changed)}); "
+                             "restore them or use a new output.out_dir")
+    else:
+        _write_atomic(path, json.dumps(run, indent=1))
+
+
 def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
     """Generate (or finish generating) the teacher rollouts; returns the summary."""
     cfg.validate()
@@ -93,6 +115,7 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
     prompts, skipped = load_prompts(cfg.data, tokenizer)
     log(f"{len(prompts)} seed prompts; skipped {skipped} longer than "
         f"{cfg.data.max_prompt_length} tokens")
+    _check_run(out, cfg, prompts)
 
     device = resolve_device(cfg.output.device)
     dtype = DTYPES[cfg.output.dtype]

@@ -190,3 +190,14 @@ def test_teacher_weights_are_held_in_the_output_dtype(tmp_path, tokenizer, monke
     cfg.output.dtype = "bfloat16"
     run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
     assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(rollouts, "generate_completions", _scripted_teacher(tokenizer, []))
+    run_rollouts(_config(tmp_path), tokenizer=tokenizer, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"sampling.min_reward: 1.0 -> 0.5"):
+        run_rollouts(_config(tmp_path, min_reward=0.5), tokenizer=tokenizer, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"shard_size: 2 -> 3"):
+        cfg = _config(tmp_path)
+        cfg.output.shard_size = 3
+        run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
