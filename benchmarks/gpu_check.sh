@@ -54,7 +54,8 @@ PY
 } >> "$LOG" 2>&1
 
 say "GPU tests: pytest -m gpu (timeout ${TEST_TIMEOUT_S}s)"
-timeout "$TEST_TIMEOUT_S" $PY -m pytest -q -m gpu tests -p no:cacheprovider >> "$LOG" 2>&1
+timeout "$TEST_TIMEOUT_S" $PY -m pytest -q -m gpu tests -p no:cacheprovider \
+    --continue-on-collection-errors >> "$LOG" 2>&1  # a module needing a missing extra must not stop the rest
 say "pytest exit code $?"
 
 say "benchmarks (budget ${BENCH_BUDGET_S}s)"

@@ -15,8 +15,8 @@ as JSON on stdin, result as JSON on stdout's last line).
 Memory is reported as *transient*: peak minus what was allocated before the run
 (inputs, previous outputs) minus the gradients the run leaves in ``.grad``.
 
-Run modes: ``fwd`` (forward with autograd recording), ``bwd`` (backward of a forward
-done outside the timer, ``retain_graph=True``), ``fwdbwd`` (both).
+Run modes: ``fwd`` (forward with autograd recording), ``bwd`` (backward of a fresh
+forward done outside the timer before every run), ``fwdbwd`` (both).
 """
 
 from __future__ import annotations
@@ -151,11 +151,13 @@ def time_cuda(fn, warmup_ms: int, rep_ms: int, grad_to_none=None, before=None) -
         except ImportError:
             pass
     # CUDA events (also used when each run needs an untimed set-up step).
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
+    for _ in range(2):  # the first run warms up, the second estimates the run time
+        if before:
+            before()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
     est = max(1e-3, (time.perf_counter() - t0) * 1e3)
     n_warm, n_rep = max(1, int(warmup_ms / est)), max(3, int(rep_ms / est))
     for _ in range(n_warm):
@@ -228,8 +230,8 @@ def measure(impl_id: str, case: ops.Case, *, modes=None, warmup: int = 1, repeat
                     clear_grads()
                     held["out"] = fwd()
 
-                def fn():
-                    impl.backward(held["out"], retain_graph=True)
+                def fn():  # each run gets its own forward: compiled graphs free
+                    impl.backward(held["out"])  # (donate) their buffers in backward
             else:
                 setup = clear_grads
                 fn = fwd if mode == "fwd" else fwdbwd

@@ -2,7 +2,7 @@
 
 An implementation is built from a :class:`Case` and its inputs and exposes
 ``forward()`` (returns the op's output; a scalar loss for ops that train) and
-``backward(out, retain_graph=False)``. ``unavailable(case)`` says why it cannot run
+``backward(out)``. ``unavailable(case)`` says why it cannot run
 here (``"not installed: ..."``, ``"not available: ..."``) or returns ``None``.
 
 Ops:
@@ -229,8 +229,8 @@ class Impl:
     def forward(self):
         raise NotImplementedError
 
-    def backward(self, out, retain_graph: bool = False):
-        out.backward(retain_graph=retain_graph)
+    def backward(self, out):
+        out.backward()
 
 
 def _installed(module: str) -> bool:
@@ -528,7 +528,7 @@ class Floor(Impl):
         with torch.no_grad():
             return self.inputs["hidden"] @ self.inputs["weight"].T
 
-    def backward(self, out, retain_graph=False):
+    def backward(self, out):
         del out
         with torch.no_grad():
             h, w = self.inputs["hidden"], self.inputs["weight"]
