@@ -28,21 +28,20 @@ def main(argv=None) -> int:
                       "(default: two epochs over the sample)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="run folder (default: a new temporary one)")
-    roll = sub.add_parser("rollouts", help="teacher rollouts: sample, score and keep the "
-                                           "teacher's answers as CKD training records")
-    roll.add_argument("--config", required=True, help="TOML config (see configs/)")
-    roll.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
-                      metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    ckd = sub.add_parser("ckd", help="STAR stage 1: teacher top-k cache + CKD training "
-                                     "(resumes from the newest checkpoint in train.out_dir)")
-    ckd.add_argument("--config", required=True, help="TOML run config (see configs/)")
-    ckd.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
-                     metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    simrl = sub.add_parser("simrl", help="STAR stage 2: GRPO with the similarity reward "
-                                         "(resumes from the newest checkpoint in train.out_dir)")
-    simrl.add_argument("--config", required=True, help="TOML run config (see configs/)")
-    simrl.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
-                       metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    stages = {  # command: (help, config loader, runner), imported when chosen
+        "rollouts": ("teacher rollouts: sample, score and keep the teacher's answers as CKD "
+                     "training records", "load_rollout_config", "rollouts:run_rollouts"),
+        "ckd": ("STAR stage 1: teacher top-k cache + CKD training (resumes from the newest "
+                "checkpoint in train.out_dir)", "load_config", "ckd:run_ckd"),
+        "simrl": ("STAR stage 2: GRPO with the similarity reward (resumes from the newest "
+                  "checkpoint in train.out_dir)", "load_simrl_config", "simrl:run_simrl"),
+    }
+    for name, (help_text, _, _) in stages.items():
+        stage = sub.add_parser(name, help=help_text)
+        stage.add_argument("--config", required=True, help="TOML config (see configs/)")
+        stage.add_argument("--set", dest="overrides", type=_override, action="append",
+                           default=[], metavar="SECTION.KEY=VALUE",
+                           help="override a config value (repeatable)")
     ev = sub.add_parser("eval", help="BFCL v3 single-turn evaluation of a local model "
                                      "(data and AST checker from nvidia-bfcl, offline)")
     ev.add_argument("--model", required=True, help="local Hugging Face model folder")
@@ -64,23 +63,15 @@ def main(argv=None) -> int:
 
         result = run(out_dir=args.out, steps=args.steps, seed=args.seed)
         return 0 if result["kl_after"] < result["kl_before"] else 1
-    if args.command == "rollouts":
-        from .config import load_rollout_config
-        from .rollouts import run_rollouts
+    if args.command in stages:
+        import importlib
 
-        run_rollouts(load_rollout_config(args.config, dict(args.overrides)))
-        return 0
-    if args.command == "ckd":
-        from .ckd import run_ckd
-        from .config import load_config
+        from . import config
 
-        run_ckd(load_config(args.config, dict(args.overrides)))
-        return 0
-    if args.command == "simrl":
-        from .config import load_simrl_config
-        from .simrl import run_simrl
-
-        run_simrl(load_simrl_config(args.config, dict(args.overrides)))
+        _, loader, target = stages[args.command]
+        module, runner = target.split(":")
+        run = getattr(importlib.import_module(f".{module}", __package__), runner)
+        run(getattr(config, loader)(args.config, dict(args.overrides)))
         return 0
     if args.command == "eval":
         return _evaluate(args)

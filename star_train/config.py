@@ -65,12 +65,38 @@ class TrainConfig:
     micro_batch_size: int = 4   # sequences per forward/backward (gradient accumulation)
     epochs: int = 1
     max_steps: int = 0          # stop after this many optimizer steps (0 = the epochs)
-    dtype: str = "bfloat16"     # student parameters and activations: bfloat16 | float32
+    dtype: str = "bfloat16"     # autocast compute dtype; parameters and AdamW stay fp32
     device: str = "auto"        # auto = cuda when available, else cpu
     save_every: int = 50        # optimizer steps between checkpoints
     keep_checkpoints: int = 2
     log_every: int = 1
     seed: int = 0
+
+
+def _optimizer_checks(t) -> list:
+    """The checks both training stages' ``[train]`` sections share."""
+    return [
+        (t.lr > 0, "train.lr must be > 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
+        (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (t.max_steps >= 0, "train.max_steps must be >= 0"),
+        (t.save_every >= 1, "train.save_every must be >= 1"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.dtype in ("bfloat16", "float32"), "train.dtype must be 'bfloat16' or 'float32'"),
+    ]
+
+
+def _enforce(checks: list, models: dict) -> None:
+    """Raise the first failed check's message; every model spec needs a path or a config."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    for name, spec in models.items():
+        if not spec.path and not spec.config:
+            raise ValueError(f"{name}.model needs a path or a config")
 
 
 @dataclass
@@ -92,28 +118,13 @@ class CKDRunConfig:
             (self.ckd.student_topm >= 1, "ckd.student_topm must be >= 1"),
             (0.0 <= self.ckd.kd_ratio <= 1.0, "ckd.kd_ratio must be in [0, 1]"),
             (self.ckd.temperature > 0, "ckd.temperature must be > 0"),
-            (self.train.lr > 0, "train.lr must be > 0"),
-            (self.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
-            (self.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-            (self.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
+            *_optimizer_checks(self.train),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
-            (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
-            (self.train.batch_size % self.train.micro_batch_size == 0,
+            (self.train.batch_size % max(1, self.train.micro_batch_size) == 0,
              "train.batch_size must be a multiple of train.micro_batch_size"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
-            (self.train.max_steps >= 0, "train.max_steps must be >= 0"),
-            (self.train.save_every >= 1, "train.save_every must be >= 1"),
-            (self.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-            (self.train.log_every >= 1, "train.log_every must be >= 1"),
-            (self.train.dtype in ("bfloat16", "float32"),
-             "train.dtype must be 'bfloat16' or 'float32'"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        for name, spec in (("teacher", self.teacher.model), ("student", self.student.model)):
-            if not spec.path and not spec.config:
-                raise ValueError(f"{name}.model needs a path or a config")
+        _enforce(checks, {"teacher": self.teacher.model, "student": self.student.model})
         return self
 
 
@@ -257,23 +268,10 @@ class SimRLRunConfig:
             (g.clip_eps >= 0, "grpo.clip_eps must be >= 0"),
             (g.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
             (g.kl_estimator in ("k1", "k2", "k3"), "grpo.kl_estimator must be k1, k2 or k3"),
-            (t.lr > 0, "train.lr must be > 0"),
-            (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
-            (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-            (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
-            (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (t.episodes >= 1, "train.episodes must be >= 1"),
-            (t.max_steps >= 0, "train.max_steps must be >= 0"),
-            (t.save_every >= 1, "train.save_every must be >= 1"),
-            (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-            (t.log_every >= 1, "train.log_every must be >= 1"),
-            (t.dtype in ("bfloat16", "float32"), "train.dtype must be 'bfloat16' or 'float32'"),
+            *_optimizer_checks(t),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if not self.policy.model.path and not self.policy.model.config:
-            raise ValueError("policy.model needs a path or a config")
+        _enforce(checks, {"policy": self.policy.model})
         return self
 
 
@@ -352,11 +350,7 @@ class RolloutRunConfig:
             (o.shard_size >= 1, "output.shard_size must be >= 1"),
             (o.dtype in ("bfloat16", "float32"), "output.dtype must be 'bfloat16' or 'float32'"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if not self.teacher.model.path and not self.teacher.model.config:
-            raise ValueError("teacher.model needs a path or a config")
+        _enforce(checks, {"teacher": self.teacher.model})
         return self
 
 
