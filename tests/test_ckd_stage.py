@@ -109,6 +109,7 @@ def test_shipped_configs_load():
     ({"trian": {}}, "trian"),
     ({"train": {"learning_rate": 1}}, "learning_rate"),
     ({"train": {"batch_size": 6, "micro_batch_size": 4}}, "micro_batch_size"),
+    ({"train": {"micro_batch_size": 0}}, "micro_batch_size must be >= 1"),
     ({"ckd": {"kd_ratio": 1.5}}, "kd_ratio"),
     ({"train": {"dtype": "float16"}}, "train.dtype"),
     ({"teacher": {"model": {}}}, "teacher.model"),
