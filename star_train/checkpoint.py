@@ -61,6 +61,27 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, st
     return final
 
 
+def describe_changes(saved: dict, current: dict) -> str:
+    """``"key: old -> new, ..."`` for the keys of ``current`` whose saved value differs."""
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+
+
+def pin_settings(path: Path, settings: dict, owner: str, remedy: str) -> None:
+    """Record ``settings`` at ``path`` on first use; afterwards refuse other ones, so
+    output made under one set of settings is never mixed with or reused for another."""
+    path = Path(path)
+    if path.exists():
+        changes = describe_changes(json.loads(path.read_text()), settings)
+        if changes:
+            raise ValueError(f"{owner} was made with other settings ({changes}); {remedy}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, run: dict | None = None) -> dict:
     """Restore model, optimizer, scheduler and RNG states in place; returns ``state.json``.
 
@@ -70,12 +91,10 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, run: dict | N
     """
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    saved = state.get("run", {})
-    changed = sorted(k for k in (run or {}) if saved.get(k) != run[k])
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {run[k]!r}" for k in changed)
+    changes = describe_changes(state.get("run", {}), run or {})
+    if changes:
         raise ValueError(f"checkpoint {path} was written by a run with other data settings "
-                         f"({detail}); resuming would skip or repeat data. Restore them or "
+                         f"({changes}); resuming would skip or repeat data. Restore them or "
                          "use a new train.out_dir")
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     untied_missing = [n for n in missing if not _tied_to_loaded(model, n, set(missing))]

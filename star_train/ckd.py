@@ -34,7 +34,8 @@ from .models import DTYPES, load_model, resolve_device
 from .schedule import BatchSchedule
 from .stage import (enable_gradient_checkpointing, fused_op_dtype, open_run,
                     optimizer_and_scheduler)
-from .teacher_cache import TeacherCache, build_teacher_cache, cache_is_complete
+from .teacher_cache import (TeacherCache, build_teacher_cache, cache_is_complete,
+                            cache_settings, pin_cache_settings)
 
 
 def _teacher_name(cfg: CKDRunConfig) -> str:
@@ -59,6 +60,10 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
     log(f"{len(examples)} examples, {sum(e.num_targets for e in examples)} target tokens")
 
     cache_dir = out / "teacher_cache"
+    # A cache built for another teacher, k or data is refused, complete or not.
+    pin_cache_settings(cache_dir, cache_settings(
+        k=cfg.teacher.k, teacher_name=_teacher_name(cfg), fingerprint=digest,
+        num_examples=len(examples), shard_size=cfg.teacher.shard_size))
     if not cache_is_complete(cache_dir):
         t0 = time.perf_counter()
         teacher = load_model(cfg.teacher.model, compute_dtype, device)
@@ -69,13 +74,6 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
         gc.collect()  # HF models can sit in reference cycles: free the teacher now
         log(f"teacher top-{cfg.teacher.k} cache built in {time.perf_counter() - t0:.1f}s")
     cache = TeacherCache(cache_dir, fingerprint=digest)
-    # A complete cache skips build_teacher_cache and its settings check: do it here.
-    built_for = {"k": cfg.teacher.k, "teacher": _teacher_name(cfg)}
-    changed = sorted(key for key, value in built_for.items() if cache.meta.get(key) != value)
-    if changed:
-        raise ValueError(f"teacher cache {cache_dir} was built for other settings "
-                         f"({', '.join(f'{k}: {cache.meta.get(k)!r} -> {built_for[k]!r}' for k in changed)}); "
-                         "use another train.out_dir or delete the cache")
 
     student = load_model(cfg.student.model, torch.float32, device)
     if student.config.vocab_size < len(tokenizer):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import pin_settings
 from .config import RolloutRunConfig, config_to_dict
 from .models import DTYPES, load_model, resolve_device
 from .reward import parse_response, similarity_reward
@@ -87,16 +88,7 @@ def _check_run(out: Path, cfg: RolloutRunConfig, prompts) -> None:
            "shard_size": cfg.output.shard_size, "seed": cfg.output.seed,
            # every sampling knob, generate_batch_prompts too: it sets the seeded chunks
            **{f"sampling.{k}": v for k, v in config_to_dict(cfg)["sampling"].items()}}
-    path = out / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in run if old.get(k) != run[k])
-        if changed:
-            raise ValueError(f"{out} holds rollouts made with other settings "
-                             f"({', '.join(f'{k}: {old.get(k)!r} -> {run[k]!r}' for k in changed)}); "
-                             "restore them or use a new output.out_dir")
-    else:
-        _write_atomic(path, json.dumps(run, indent=1))
+    pin_settings(out / "run.json", run, str(out), "restore them or use a new output.out_dir")
 
 
 def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:

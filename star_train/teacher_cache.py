@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import star_kernels as sk
 from star_kernels.hf import hidden_states
 
+from .checkpoint import pin_settings
 from .examples import Example, collate, target_hidden
 
 
@@ -32,18 +33,16 @@ def _shard_path(directory: Path, shard: int) -> Path:
     return directory / f"shard-{shard:05d}.safetensors"
 
 
-def _check_meta(directory: Path, meta: dict):
-    path = directory / "meta.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = sorted(key for key in meta if old.get(key) != meta[key])
-        if changed:
-            raise ValueError(f"teacher cache {directory} was built for other settings "
-                             f"({', '.join(f'{k}: {old.get(k)!r} -> {meta[k]!r}' for k in changed)}); "
-                             "use another cache folder or delete it")
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(meta, indent=1))
+def cache_settings(*, k: int, teacher_name: str, fingerprint: str, num_examples: int,
+                   shard_size: int) -> dict:
+    """What a cache is valid for (its ``meta.json``)."""
+    return {"k": k, "teacher": teacher_name, "fingerprint": fingerprint,
+            "num_examples": num_examples, "shard_size": shard_size}
+
+
+def pin_cache_settings(directory: Path, settings: dict) -> None:
+    pin_settings(Path(directory) / "meta.json", settings, f"teacher cache {directory}",
+                 "use another cache folder or delete it")
 
 
 @torch.no_grad()
@@ -52,9 +51,9 @@ def build_teacher_cache(teacher, examples: list[Example], directory: str | Path,
                         pad_id: int, progress=None) -> Path:
     """Fill ``directory`` with the teacher's top-k for every target token of ``examples``."""
     directory = Path(directory)
-    meta = {"k": k, "teacher": teacher_name, "fingerprint": fingerprint,
-            "num_examples": len(examples), "shard_size": shard_size}
-    _check_meta(directory, meta)
+    pin_cache_settings(directory, cache_settings(
+        k=k, teacher_name=teacher_name, fingerprint=fingerprint, num_examples=len(examples),
+        shard_size=shard_size))
     device = next(teacher.parameters()).device
     teacher.eval()
     for shard, start in enumerate(range(0, len(examples), shard_size)):
