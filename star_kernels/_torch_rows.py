@@ -130,6 +130,19 @@ def logprob_workspace_bytes(dtype: torch.dtype) -> int:
     return item + float_copy + _compute_dtype(dtype).itemsize
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """Row-wise dot products of two ``[C, V]`` tensors through ``[C, block]`` temporaries.
+
+    Not ``bmm`` of ``[C, 1, V] x [C, V, 1]``: on CPU its fp32 accumulation over the
+    vocabulary was off by 9e-4 on an entropy of 4.3 (SmolLM2-135M, V = 49,152), while
+    ``sum`` reduces pairwise (1e-5); the column blocks keep the extra memory small.
+    """
+    out = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    for start in range(0, a.shape[1], block):
+        out += (a[:, start:start + block] * b[:, start:start + block]).sum(1)
+    return out
+
+
 def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
                  grad_logp=None, grad_entropy=None):
     """Per-row ``log q[id]`` (and entropy of ``q``) for ``q = softmax(logits / T)``.
@@ -158,7 +171,7 @@ def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
     if not (want_entropy or with_grad):
         return logp, None, None
     q.div_(sum_exp)
-    entropy = -torch.bmm(q.unsqueeze(1), logq.unsqueeze(2)).view(-1)
+    entropy = -_row_dot(q, logq)
     if not with_grad:
         return logp, (entropy if want_entropy else None), None
     inv_t = 1.0 / temperature
