@@ -4,7 +4,8 @@ Every epoch is a seeded permutation of the dataset; the epochs are laid end to e
 cut into batches. Because step ``s`` always gets the same examples, a resumed run
 continues exactly where its checkpoint left off: no example lost, none repeated.
 A partial batch at the very end is dropped (with ``epochs`` x ``num_examples`` not a
-multiple of the batch size, the last few examples of the last epoch are not seen).
+multiple of the batch size, the last few examples of the last epoch are not seen), and
+a batch that straddles two epochs can hold the same example twice, once from each.
 """
 
 from __future__ import annotations
