@@ -27,11 +27,14 @@ class _FieldError(ValueError):
 
 # ---------------------------------------------------------------- loading and validation
 
-def load_records(path):
-    """Read a STAR jsonl file; returns validated records (see validate_record), blank lines skipped."""
+def load_records(path, limit: int = 0):
+    """Read a STAR jsonl file; returns validated records (see validate_record), blank lines
+    skipped; with ``limit`` > 0 only the first ``limit`` records (the rest is not read)."""
     records = []
     with open(Path(path), encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
+            if limit and len(records) == limit:
+                break
             if not line.strip():
                 continue
             try:

@@ -42,9 +42,7 @@ def load_examples(cfg: DataConfig, tokenizer, log=None) -> list[Example]:
     """Tokenized examples of ``cfg.path``. A record whose answer alone does not fit in
     ``cfg.max_length`` (with at least one prompt token) is skipped, not truncated: a cut
     answer would teach stopping mid-call. ``log`` receives the skip count."""
-    records = load_records(cfg.path)
-    if cfg.limit:
-        records = records[:cfg.limit]
+    records = load_records(cfg.path, cfg.limit)
     examples, skipped = [], 0
     for position, record in enumerate(records):
         prompt, target = build_example(record)

@@ -101,10 +101,8 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
     out = Path(cfg.output.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    records = load_records(cfg.data.path)
-    if cfg.data.limit:
-        records = records[:cfg.data.limit]
-    prompts, skipped = load_prompts(cfg.data, tokenizer)
+    records = load_records(cfg.data.path, cfg.data.limit)
+    prompts, skipped = load_prompts(records, cfg.data.max_prompt_length, tokenizer)
     log(f"{len(prompts)} seed prompts; skipped {skipped} longer than "
         f"{cfg.data.max_prompt_length} tokens")
     _check_run(out, cfg, prompts)

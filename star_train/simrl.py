@@ -49,7 +49,7 @@ from star_kernels.hf import hidden_states
 
 from .checkpoint import (append_log, latest_checkpoint, load_checkpoint, save_checkpoint,
                          truncate_log)
-from .config import SimRLDataConfig, SimRLRunConfig
+from .config import SimRLRunConfig
 from .data import build_example, load_records
 from .models import DTYPES, load_model, resolve_device
 from .reward import group_advantages, keep_group, similarity_reward
@@ -73,16 +73,14 @@ class RLPrompt:
     record_position: int     # the record's line among the loaded records
 
 
-def load_prompts(cfg: SimRLDataConfig, tokenizer) -> tuple[list[RLPrompt], int]:
-    """The prompts that fit ``cfg.max_prompt_length`` and how many were skipped."""
-    records = load_records(cfg.path)
-    if cfg.limit:
-        records = records[:cfg.limit]
+def load_prompts(records: list[dict], max_prompt_length: int,
+                 tokenizer) -> tuple[list[RLPrompt], int]:
+    """The prompts of ``records`` that fit ``max_prompt_length`` and how many were skipped."""
     prompts, skipped = [], 0
     for position, record in enumerate(records):
         prompt_text, _ = build_example(record)
         ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-        if len(ids) > cfg.max_prompt_length:
+        if len(ids) > max_prompt_length:
             skipped += 1  # never truncated: the tool list at the start is what the reward checks
             continue
         prompts.append(RLPrompt(len(prompts), str(record.get("id", position)),
@@ -381,7 +379,8 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
     compute_dtype = DTYPES[cfg.train.dtype]
     out = open_run(cfg)
 
-    prompts, skipped = load_prompts(cfg.data, tokenizer)
+    prompts, skipped = load_prompts(load_records(cfg.data.path, cfg.data.limit),
+                                    cfg.data.max_prompt_length, tokenizer)
     log(f"{len(prompts)} prompts; skipped {skipped} longer than "
         f"{cfg.data.max_prompt_length} tokens")
     per_step = cfg.rollout.prompts_per_step
