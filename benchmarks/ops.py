@@ -375,16 +375,22 @@ def _star(backend):
 StarTorch, StarCpp, StarTriton = _star("torch"), _star("cpp"), _star("triton")
 
 
-class LigerFLCE(Impl):
+class _Liger(Impl):
+    """Liger-Kernel's losses: reported as not installed without the package."""
+
+    @classmethod
+    def unavailable(cls, case):
+        return None if _installed("liger_kernel") else "not installed: liger-kernel"
+
+
+class LigerFLCE(_Liger):
     id, label = "liger_flce", "Liger fused linear CE"
     ops = ("ckd", "logprobs")
     note = "cross-entropy on one label per token (not CKD); Triton, CUDA only"
 
     @classmethod
     def unavailable(cls, case):
-        if not _installed("liger_kernel"):
-            return "not installed: liger-kernel"
-        return _needs_cuda(case, "liger-kernel's fused linear CE")
+        return super().unavailable(case) or _needs_cuda(case, "liger-kernel's fused linear CE")
 
     def __init__(self, case, inputs, **options):
         super().__init__(case, inputs, **options)
@@ -399,15 +405,11 @@ class LigerFLCE(Impl):
         return out[0] if isinstance(out, tuple) else out
 
 
-class LigerJSD(Impl):
+class LigerJSD(_Liger):
     id, label = "liger_jsd", "Liger fused linear JSD"
     ops = ("ckd",)
     note = ("forward KL (beta=0) against a full teacher distribution: also runs the "
             "teacher lm_head (teacher H = student H here), chunked + torch.compile")
-
-    @classmethod
-    def unavailable(cls, case):
-        return None if _installed("liger_kernel") else "not installed: liger-kernel"
 
     def __init__(self, case, inputs, **options):
         super().__init__(case, inputs, **options)
@@ -428,15 +430,11 @@ class LigerJSD(Impl):
         return out[0] if isinstance(out, tuple) else out
 
 
-class LigerGRPO(Impl):
+class LigerGRPO(_Liger):
     id, label = "liger_grpo", "Liger fused linear GRPO"
     ops = ("grpo",)
     note = ("loss_type='bnpo' (token mean), beta=1e-3 with given ref log-probs (Liger's "
             "k3 KL), one 512-token sequence per chunk, torch.compile")
-
-    @classmethod
-    def unavailable(cls, case):
-        return None if _installed("liger_kernel") else "not installed: liger-kernel"
 
     def __init__(self, case, inputs, **options):
         super().__init__(case, inputs, **options)
