@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from star_kernels import reference
+
 OPS = ("ckd", "topk", "logprobs", "grpo")
 # Forward-only ops (run under torch.no_grad, timed and measured in "fwd" mode only).
 FORWARD_ONLY = {"topk"}
@@ -107,40 +109,29 @@ def leaves(inputs: dict) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------
 
 def naive_ckd(hidden, weight, teacher_ids, teacher_logprobs, *, student_topm):
-    from star_kernels import reference
     return reference.fused_linear_ckd_loss(hidden, weight, teacher_ids, teacher_logprobs,
                                            tail_coef=TAIL_COEF, student_topm=student_topm)
 
 
 def naive_ckd_rows(hidden, weight, teacher_ids, teacher_logprobs, *, student_topm):
     """Per-token CKD losses (what the chunked variant sums per chunk)."""
-    from star_kernels import reference
     return reference.ckd_token_losses(hidden @ weight.T, teacher_ids, teacher_logprobs,
                                       tail_coef=TAIL_COEF, student_topm=student_topm)
 
 
 def naive_topk(hidden, weight, k, temperature=1.0):
-    logprobs = torch.log_softmax((hidden @ weight.T) / temperature, dim=-1)
-    values, ids = logprobs.topk(k, dim=-1)
-    return ids, values
+    return reference.fused_linear_topk_logprobs(hidden, weight, k, temperature)
 
 
 def naive_logprobs_rows(hidden, weight, token_ids, temperature=1.0):
-    logprobs = torch.log_softmax((hidden @ weight.T) / temperature, dim=-1)
-    return logprobs.gather(1, token_ids[:, None])[:, 0]
+    return reference.fused_linear_logprobs(hidden, weight, token_ids, temperature)
 
 
 def grpo_token_losses(logp, advantages, old_logprobs=None, ref_logprobs=None,
                       clip_eps=CLIP_EPS, kl_coef=KL_COEF):
     """PPO clipped surrogate plus ``kl_coef`` times the k2 estimator, per token."""
-    old = logp.detach() if old_logprobs is None else old_logprobs
-    ratio = torch.exp(logp - old)
-    surrogate = torch.minimum(ratio * advantages,
-                              ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages)
-    loss = -surrogate
-    if ref_logprobs is not None and kl_coef:
-        loss = loss + kl_coef * 0.5 * (logp - ref_logprobs) ** 2
-    return loss
+    return reference.grpo_token_losses(logp, advantages, old_logprobs, ref_logprobs,
+                                       clip_eps=clip_eps, kl_coef=kl_coef, kl_estimator="k2")
 
 
 def naive_grpo_rows(hidden, weight, token_ids, advantages, ref_logprobs):
@@ -149,9 +140,9 @@ def naive_grpo_rows(hidden, weight, token_ids, advantages, ref_logprobs):
 
 
 def naive_grpo(hidden, weight, token_ids, advantages, mask, ref_logprobs):
-    per = naive_grpo_rows(hidden, weight, token_ids, advantages, ref_logprobs)
-    m = mask.to(per.dtype)
-    return (per * m).sum() / m.sum().clamp_min(1)
+    return reference.fused_linear_grpo_loss(hidden, weight, token_ids, advantages, mask,
+                                            ref_logprobs=ref_logprobs, clip_eps=CLIP_EPS,
+                                            kl_coef=KL_COEF, kl_estimator="k2")[0]
 
 
 # ---------------------------------------------------------------------------------

@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 
-from star_train import bfcl
-from star_train.data import THINK_OPEN
+from bfcl_answers import completion_for_calls, first_possible_answer
+from star_train.chat.qwen3 import THINK_OPEN
+from star_train.eval import bfcl
 
 MAIN_AST = ("simple", "multiple", "parallel", "parallel_multiple")
 
 # Possible answers in nvidia-bfcl 26.3's BFCL v3 data that no output can meet under the
-# checker's rules (see bfcl.first_possible_answer): two answers with a parameter whose
+# checker's rules (see bfcl_answers.first_possible_answer): two answers with a parameter whose
 # allowed-value list is empty, two with an answer parameter the function doc lacks.
 NO_PASSING_OUTPUT = {"live_simple_106-63-0", "live_simple_112-68-0",
                      "live_multiple_862-181-3", "live_multiple_964-207-0"}
@@ -44,8 +45,8 @@ def evaluate_with(category, completions_for, tmp_path, limit=None):
 
 
 def ground_truth_completion(sample):
-    calls = bfcl.first_possible_answer(sample)
-    return TEXT_REPLY if calls is None else bfcl.completion_for_calls(calls, "Use the tools.")
+    calls = first_possible_answer(sample)
+    return TEXT_REPLY if calls is None else completion_for_calls(calls, "Use the tools.")
 
 
 # ---------------------------------------------------------------- data and prompts
@@ -99,7 +100,7 @@ def test_prompt_shows_bfcl_docs_as_qwen3_tools():
 def test_checker_imports_only_the_standard_library():
     # `pip install --no-deps nvidia-bfcl` must be enough: loading the data and the checker
     # may import bfcl's own modules and the standard library, nothing else.
-    code = ("import sys, json; import star_train.bfcl as b; before = set(sys.modules); "
+    code = ("import sys, json; import star_train.eval.bfcl as b; before = set(sys.modules); "
             "b._ast_checker(); b.bfcl_source(); b.load_category('simple'); "
             "print(json.dumps(sorted(m for m in set(sys.modules) - before "
             "if m.split('.')[0] not in sys.stdlib_module_names)))")
@@ -114,7 +115,7 @@ def test_checker_imports_only_the_standard_library():
 def test_first_possible_answer_scores_every_answerable_sample(category, tmp_path):
     result, rows = evaluate_with(category, ground_truth_completion, tmp_path)
     samples = bfcl.load_category(category)
-    unanswerable = {s.id for s in samples if bfcl.first_possible_answer(s) is None}
+    unanswerable = {s.id for s in samples if first_possible_answer(s) is None}
     assert unanswerable == {i for i in NO_PASSING_OUTPUT if i.startswith(category + "_")}
     assert [row["id"] for row in rows if not row["correct"]] == sorted(
         unanswerable, key=[s.id for s in samples].index)
@@ -135,7 +136,7 @@ def test_answers_that_no_output_can_meet_stay_wrong():
             (name, allowed_by_param), = sample.possible_answer[0].items()
             arguments = {param: ([v for v in allowed if v != ""] or [[]])[0]
                          for param, allowed in allowed_by_param.items()}
-            completion = bfcl.completion_for_calls([{"name": name, "arguments": arguments}])
+            completion = completion_for_calls([{"name": name, "arguments": arguments}])
             assert not bfcl.score_completion(sample, completion)["correct"]
 
 
@@ -146,7 +147,7 @@ def test_irrelevance_is_right_without_a_call(category, tmp_path):
 
     def a_call(sample):
         name = sample.functions[0]["name"] if sample.functions else "search"  # an unknown tool counts too
-        return bfcl.completion_for_calls([{"name": name, "arguments": {}}])
+        return completion_for_calls([{"name": name, "arguments": {}}])
     result, rows = evaluate_with(category, a_call, tmp_path)
     assert result["categories"][category]["accuracy"] == 0.0
     assert all(row["error"] == "made a function call where none is relevant" for row in rows)
@@ -160,7 +161,7 @@ def test_irrelevance_is_right_without_a_call(category, tmp_path):
 
 def test_relevance_is_right_with_a_call(tmp_path):
     def a_call(sample):
-        return bfcl.completion_for_calls([{"name": sample.functions[0]["name"], "arguments": {"x": 1}}])
+        return completion_for_calls([{"name": sample.functions[0]["name"], "arguments": {"x": 1}}])
     result, _ = evaluate_with("live_relevance", a_call, tmp_path)
     assert result["categories"]["live_relevance"]["accuracy"] == 1.0
     result, rows = evaluate_with("live_relevance", lambda sample: TEXT_REPLY, tmp_path)
@@ -220,11 +221,11 @@ def test_corrupted_answers_score_zero(category, corrupt, tmp_path):
 
     def completion(sample):
         nonlocal corrupted
-        calls = corrupt(sample, bfcl.first_possible_answer(sample))
+        calls = corrupt(sample, first_possible_answer(sample))
         if calls is None:  # nothing to corrupt this way: a text reply, also wrong
             return TEXT_REPLY
         corrupted += 1
-        return bfcl.completion_for_calls(calls)
+        return completion_for_calls(calls)
     result, rows = evaluate_with(category, completion, tmp_path)
     assert result["categories"][category]["accuracy"] == 0.0
     assert corrupted >= 0.75 * len(rows)  # most samples were really corrupted, not skipped
@@ -236,7 +237,7 @@ def test_corrupted_answers_score_zero(category, corrupt, tmp_path):
 def tiny_qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from star_train.tokenizer import QWEN3_VOCAB_SIZE, qwen3_tokenizer
+    from star_train.chat.tokenizer import QWEN3_VOCAB_SIZE, qwen3_tokenizer
 
     config = Qwen3Config(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -294,7 +295,7 @@ class ScriptedLM(torch.nn.Module):
 def test_generation_path_decodes_cuts_and_keeps_order(tmp_path):
     # Through hf_generate_fn with a scripted model: prompts sorted by length and batched,
     # completions cut at <|im_end|>, decoded and handed back to the right samples.
-    from star_train.tokenizer import qwen3_tokenizer
+    from star_train.chat.tokenizer import qwen3_tokenizer
 
     tokenizer = qwen3_tokenizer()
     samples = bfcl.load_category("live_simple", limit=7)

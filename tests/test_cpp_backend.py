@@ -12,7 +12,7 @@ from star_kernels import _backends
 if not _backends.cpp_available():
     pytest.skip("C++ extension star_kernels._C not built", allow_module_level=True)
 
-from star_kernels import _cpp_rows, _torch_rows  # noqa: E402
+from star_kernels import _cpp_rows, _torch_rows, reference  # noqa: E402
 from star_kernels._config import CKDConfig  # noqa: E402
 
 # (C, V, K, m): odd sizes around the 16-wide blocks; the last has m = V.
@@ -125,7 +125,7 @@ def test_topk_rows_match_torch(c, v, k, temperature):
     assert torch.equal(logits, before)  # not modified
     assert ids.dtype == torch.int64 and lps.dtype == torch.float32 and ids.shape == (c, k)
     full = torch.log_softmax(logits / temperature, dim=-1)
-    exp_lps, exp_ids = full.topk(k, dim=-1)
+    exp_ids, exp_lps = reference.topk_from_logits(logits, k, temperature)
     assert torch.equal(ids, exp_ids)
     torch.testing.assert_close(lps, exp_lps.float(), rtol=1e-6, atol=1e-6)
     # In fp64 the values themselves are exact to ~1e-12 before the fp32 rounding.
@@ -150,11 +150,8 @@ def test_topk_rows_ties_and_low_precision():
 
 
 def torch_logprob(logits, tokens, temperature):
-    """logp, entropy and (via autograd) nothing else: plain full-logits torch."""
-    logq = torch.log_softmax(logits / temperature, dim=-1)
-    logp = logq.gather(1, tokens[:, None])[:, 0]
-    entropy = -(logq.exp() * logq).sum(-1)
-    return logp, entropy
+    """logp and entropy from plain full-logits torch (the reference)."""
+    return reference.logprobs_from_logits(logits, tokens, temperature)
 
 
 @pytest.mark.parametrize("c,v", [(5, 301), (3, 16), (4, 1), (7, 5003)])
@@ -196,10 +193,7 @@ def test_logprob_rows_neg_inf_logits_and_low_precision():
     tokens = torch.tensor([0, 11, 39])
     gl, ge = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     x = logits.clone().requires_grad_()
-    exp_logp, _ = torch_logprob(x, tokens, 1.2)
-    logq = torch.log_softmax(x / 1.2, -1)
-    q = logq.exp()
-    exp_h = -(q * torch.where(q > 0, logq, 0.0)).sum(-1)
+    exp_logp, exp_h = torch_logprob(x, tokens, 1.2)
     (exp_d,) = torch.autograd.grad((gl * exp_logp + ge * exp_h).sum(), x)
     logp, h, d = _cpp_rows.logprob_rows(logits.clone(), tokens, 1.2, True, gl, ge)
     torch.testing.assert_close(logp, exp_logp.detach(), rtol=1e-12, atol=1e-12)

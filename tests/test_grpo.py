@@ -1,9 +1,10 @@
-"""fused_linear_grpo_loss against a plain full-logits fp64 GRPO written out here."""
+"""fused_linear_grpo_loss against the fp64 full-logits reference (star_kernels.reference)."""
 
 import pytest
 import torch
 
 import star_kernels as sk
+from star_kernels import reference
 from conftest import cpu_backends
 
 BACKENDS = cpu_backends()
@@ -34,37 +35,11 @@ def problem(b=4, t=7, h=9, v=101, dtype=torch.float64, seed=0, bias=True):
 
 
 def reference_logp(hidden, weight, bias, ids, temperature):
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return (logits / temperature).log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    return reference.fused_linear_logprobs(hidden, weight, ids, temperature, bias=bias)
 
 
-def reference_loss(hidden, weight, bias, token_ids, advantages, mask, old_logprobs=None,
-                   ref_logprobs=None, clip_eps=0.2, kl_coef=1e-3, kl_estimator="k2",
-                   temperature=1.0, loss_agg="token_mean"):
-    m = mask.double()
-    logp = reference_logp(hidden, weight, bias, token_ids.clamp_min(0), temperature)
-    old = logp.detach() if old_logprobs is None else old_logprobs
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    low, high = clip_eps if isinstance(clip_eps, tuple) else (clip_eps, clip_eps)
-    ratio = torch.exp(logp - old)
-    tok = -torch.min(ratio * adv, torch.clamp(ratio, 1 - low, 1 + high) * adv)
-    if ref_logprobs is not None and kl_coef:
-        if kl_estimator == "k1":
-            kl = logp - ref_logprobs
-        elif kl_estimator == "k2":
-            kl = 0.5 * (logp - ref_logprobs) ** 2
-        else:
-            kl = torch.exp(ref_logprobs - logp) - (ref_logprobs - logp) - 1
-        tok = tok + kl_coef * kl
-    tok = torch.where(mask, tok, 0.0)
-    if loss_agg == "token_mean":
-        return tok.sum() / m.sum()
-    if loss_agg == "dr_grpo":
-        return tok.sum() / mask.numel()
-    n = m.sum(1)
-    return (tok.sum(1)[n > 0] / n[n > 0]).mean()
+def reference_loss(hidden, weight, bias, **args):
+    return reference.fused_linear_grpo_loss(hidden, weight, bias=bias, **args)[0]
 
 
 def run_both(backend, p, **knobs):
@@ -144,6 +119,9 @@ def test_diagnostics():
     assert diag["logprobs"].shape == p["token_ids"].shape
     torch.testing.assert_close(diag["logprobs"][m], logp[m])
     assert (diag["logprobs"][~m] == 0).all()
+    _, exp_diag = reference.fused_linear_grpo_loss(**p, clip_eps=(0.1, 0.3), kl_estimator="k3")
+    for key, value in exp_diag.items():
+        torch.testing.assert_close(diag[key], value, msg=key)
 
 
 def test_on_policy_loss_is_minus_mean_advantage():
@@ -179,10 +157,13 @@ def test_low_precision_inputs(backend, dtype, tol):
 
 
 @pytest.mark.parametrize("over,match", [
-    (lambda p: dict(advantages=p["advantages"].clone().fill_(float("nan"))), "advantages holds NaN"),
-    (lambda p: dict(advantages=p["advantages"].clone().fill_(float("inf"))), "advantages holds inf"),
+    (lambda p: dict(advantages=p["advantages"].clone().fill_(float("nan"))),
+     "advantages holds NaN"),
+    (lambda p: dict(advantages=p["advantages"].clone().fill_(float("inf"))),
+     "advantages holds inf"),
     (lambda p: dict(advantages=p["advantages"][:3]), "advantages must have shape"),
-    (lambda p: dict(advantages=torch.zeros(4, 3, dtype=torch.float64)), "advantages must have shape"),
+    (lambda p: dict(advantages=torch.zeros(4, 3, dtype=torch.float64)),
+     "advantages must have shape"),
     (lambda p: dict(advantages=torch.zeros(4, dtype=torch.long)), "advantages must have dtype"),
     (lambda p: dict(old_logprobs=torch.full((4, 7), float("nan"))), "old_logprobs holds NaN"),
     (lambda p: dict(ref_logprobs=torch.full((4, 7), float("nan"))), "ref_logprobs holds NaN"),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import star_kernels as sk
+from star_kernels import reference
 from conftest import cpu_backends
 
 BACKENDS = cpu_backends()
@@ -22,9 +23,7 @@ def problem(n, h, v, dtype=torch.float64, seed=0, bias=True):
 
 def ref_logprobs(hidden, weight, bias, temperature):
     """fp64 full log-softmax of the logits as the fused op forms them (same dtype GEMM)."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-    return (logits.double() / temperature).log_softmax(-1)
+    return reference.full_logprobs(hidden, weight, bias, temperature, dtype=torch.float64)
 
 
 def check_topk(ids, lps, ref, k, atol):

@@ -56,8 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .data import THINK_OPEN, render_prompt
-from .reward import parse_response
+from ..chat.qwen3 import END_TOKENS, THINK_OPEN, parse_response, render_prompt
 
 AST_CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple",
                   "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
@@ -71,7 +70,6 @@ PYTHON_HINT = " Note that the provided function is in Python 3 syntax."
 # Any name works except those BFCL lists in UNDERSCORE_TO_DOT: for those its checker
 # rewrites "." to "_" in function names (models whose APIs forbid dots).
 CHECKER_MODEL_NAME = "star-train"
-END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 GenerateFn = Callable[[list], list]
 
@@ -239,101 +237,6 @@ def score_completion(sample: Sample, completion: str) -> dict:
         correct, error = _checker_verdict(sample, calls)
     return {"id": sample.id, "category": sample.category, "correct": correct, "calls": calls,
             "error": error, "completion": completion}
-
-
-# ---------------------------------------------------------------- a concrete answer
-
-class _NoPassingOutput(Exception):
-    """The possible answer cannot be met by any output under the checker's rules."""
-
-
-def _accepted_values(allowed: list) -> list:
-    # "" marks "may be omitted"; every other entry (None included) is an accepted value.
-    return [value for value in allowed if value != ""]
-
-
-def _concrete_dict(allowed_by_key: dict) -> dict:
-    # A dict parameter's possible answer maps each key to its allowed values; BFCL's
-    # dict checker lets a key whose allowed values include "" be left out.
-    concrete = {}
-    for key, allowed in allowed_by_key.items():
-        if "" in allowed:
-            continue
-        if not allowed:
-            raise _NoPassingOutput(f"dict key {key!r} accepts no value")
-        concrete[key] = allowed[0]
-    return concrete
-
-
-def _concrete_value(value, spec: dict):
-    if spec.get("type") == "dict" and isinstance(value, dict):
-        return _concrete_dict(value)
-    if (spec.get("type") == "array" and spec.get("items", {}).get("type") == "dict"
-            and isinstance(value, list) and all(isinstance(item, dict) for item in value)):
-        return [_concrete_dict(item) for item in value]
-    return value
-
-
-def _concrete_call(doc: dict, name: str, allowed_by_param: dict) -> dict:
-    properties = doc["parameters"].get("properties", {})
-    required = doc["parameters"].get("required", [])
-    missing = [param for param in required if param not in allowed_by_param]
-    if missing:
-        # Omitting them fails "required", giving them fails "unexpected parameter".
-        raise _NoPassingOutput(f"{name}: required {missing} absent from the possible answer")
-    arguments = {}
-    for param, allowed in allowed_by_param.items():
-        if "" in allowed and param not in required:
-            continue  # optional: leave it out
-        if param not in properties:
-            raise _NoPassingOutput(f"{name}: answer parameter {param!r} is not in the doc")
-        if not allowed:
-            raise _NoPassingOutput(f"{name}: parameter {param!r} accepts no value")
-        accepted = _accepted_values(allowed)
-        # A required parameter whose only allowed value is "" takes the empty string.
-        arguments[param] = _concrete_value(accepted[0], properties[param]) if accepted else ""
-    return {"name": name, "arguments": arguments}
-
-
-def first_possible_answer(sample: Sample) -> list | None:
-    """One concrete call list that BFCL accepts for ``sample``, None if no call list can pass.
-
-    Each call is the first possible answer made concrete: the first allowed value of each
-    parameter (nested dicts alike), optional parameters (allowed values include "" and
-    the doc does not require them) left out. A few BFCL v3 answers cannot be met by any
-    output under the checker's rules: a parameter with no allowed value, an answer
-    parameter the doc does not declare and that may not be omitted, a required parameter
-    the answer lacks, or (multiple/parallel categories) an answer function missing from
-    the docs; for those this returns None. In the simple categories the checker takes
-    the function name from the single doc, not from the answer (they differ in
-    simple_363), so the doc's name is used. (Ir)relevance samples have no possible
-    answer: ValueError.
-    """
-    if sample.possible_answer is None:
-        raise ValueError(f"{sample.id}: {sample.category} has no possible answer")
-    docs = {doc["name"]: doc for doc in sample.functions}
-    several = "parallel" in sample.category or "multiple" in sample.category
-    calls = []
-    try:
-        for answer in sample.possible_answer:
-            (name, allowed_by_param), = answer.items()
-            if not several:
-                name = sample.functions[0]["name"]
-            if name not in docs:
-                raise _NoPassingOutput(f"answer function {name!r} is not among the docs")
-            calls.append(_concrete_call(docs[name], name, allowed_by_param))
-    except _NoPassingOutput:
-        return None
-    return calls
-
-
-def completion_for_calls(calls: list, reasoning: str = "") -> str:
-    """A completion in the Qwen3 format (after ``<think>\\n``) making ``calls``."""
-    blocks = "\n".join(
-        "<tool_call>\n" + json.dumps({"name": call["name"], "arguments": call["arguments"]},
-                                     ensure_ascii=False) + "\n</tool_call>"
-        for call in calls)
-    return f"{reasoning}\n</think>\n\n{blocks}<|im_end|>"
 
 
 # ---------------------------------------------------------------- generation
