@@ -10,24 +10,60 @@ and bias to the fused ops. Gradient checkpointing
 transformers 5) and a compiled trunk (``model.model.compile()`` or ``model.model =
 torch.compile(model.model)``) work unchanged; compiling the whole causal LM
 instead does not speed these helpers up, as they call its trunk directly.
+To keep calling ``model(**batch)`` (DeepSpeed, FSDP, accelerate wrappers), patch
+the forward with :mod:`star_kernels.patching` instead.
 
-Per-token tensors given to the ``*_from_model`` helpers are aligned with
-``input_ids`` like Hugging Face ``labels``: entry ``t`` is about token ``t``
-(predicted from the prefix before it); the helpers shift by one internally.
-Per-token tensors of shape ``[B, T - 1]`` are taken as already shifted (the
-layout :func:`logprobs_from_model` returns).
+Positions: one convention for every helper here
+-----------------------------------------------
+``input_ids`` is ``[B, T]``.
+
+* Tensors about an **input token** -- ``attention_mask``, ``labels``,
+  ``loss_mask``, ``completion_mask`` -- are ``[B, T]``, aligned with
+  ``input_ids`` exactly like Hugging Face ``labels``.
+* Tensors about a **next-token prediction** -- the teacher's top-k
+  (``teacher_ids``, ``teacher_logprobs``), ``old_logprobs``, ``ref_logprobs``,
+  per-token ``advantages`` -- are ``[B, T - 1, ...]``: entry ``t`` is the
+  distribution after ``input_ids[:, :t + 1]``, the one that predicts
+  ``input_ids[:, t + 1]``. That is the layout of ``logits[:, :-1]``, of
+  :func:`logprobs_from_model` and of :func:`teacher_topk_from_model`.
+
+A prediction tensor with ``T`` positions is rejected, not guessed at: the
+teacher's top-k at every position of its logits (last entry unused) and a
+label-aligned tensor (first entry unused) have the same shape, and reading one
+as the other shifts every target by a token without any error.
+
+Mixed precision: under an active ``torch.autocast`` the trunk runs in the
+autocast dtype (it is ambient) and the helpers hand the fused ops the hidden
+states, weight and bias cast to that dtype, as autocast would for ``lm_head``;
+without autocast the ops see the trunk's own dtype. :class:`CKDTrainerMixin`
+enters the Trainer's autocast (``bf16=True`` / ``fp16=True``) itself, because
+accelerate wraps it around ``model.forward`` only, which these helpers bypass.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import ClassVar
 
 import torch
 
 from .ckd import fused_linear_ckd_loss
 from .grpo import fused_linear_grpo_loss
 from .logprobs import fused_linear_logprobs
+from .topk import fused_linear_topk_logprobs
 
-__all__ = ["decoder_and_head", "hidden_states", "ckd_loss_from_model", "logprobs_from_model",
-           "grpo_loss_from_model", "ckd_compute_loss", "CKDTrainerMixin"]
+__all__ = [
+    "CKDTrainerMixin",
+    "ckd_compute_loss",
+    "ckd_loss_from_model",
+    "compute_dtype",
+    "decoder_and_head",
+    "fused_head_inputs",
+    "grpo_loss_from_model",
+    "hidden_states",
+    "logprobs_from_model",
+    "teacher_topk_from_model",
+]
 
 _WRAPPERS = ("_orig_mod", "module", "base_model")
 
@@ -71,7 +107,8 @@ def hidden_states(model, input_ids, attention_mask=None, **trunk_kwargs):
     """``(hidden [B, T, H], weight [V, H], bias [V] or None)``: the trunk's last hidden states.
 
     Extra keyword arguments (``position_ids``, ...) go to the trunk; the KV
-    cache is off.
+    cache is off. ``hidden[:, t]`` is the state after ``input_ids[:, :t + 1]``:
+    position ``t`` predicts token ``t + 1``.
     """
     trunk, head = decoder_and_head(model)
     trunk_kwargs.setdefault("use_cache", False)
@@ -80,43 +117,153 @@ def hidden_states(model, input_ids, attention_mask=None, **trunk_kwargs):
     return hidden, head.weight, head.bias
 
 
-def _shifted(name, t, seq_len):
-    """Drop the first position of a label-aligned ``[B, T, ...]`` tensor; pass ``[B, T-1, ...]``."""
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The autocast dtype of ``t``'s device when autocast is on there, else ``t.dtype``."""
+    kind = t.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return t.dtype
+
+
+def fused_head_inputs(hidden, weight, bias=None):
+    """``(hidden, weight, bias, context)``: one dtype for a fused op, and where to call it.
+
+    Under autocast the trunk's residual stream (and so its final norm's output)
+    stays in the fp32 of the parameters, and the lm_head weight is an fp32
+    parameter too; autocast would run ``lm_head`` in its own dtype, so the
+    three are cast to it here (the casts pass gradients back in fp32). The op
+    is then called inside ``context``, which turns autocast off, so the op runs
+    on exactly the dtype it is given.
+    """
+    dtype = compute_dtype(hidden)
+    kind = hidden.device.type
+    autocast_on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    context = torch.autocast(kind, enabled=False) if autocast_on else nullcontext()
+    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+    return cast(hidden), cast(weight), cast(bias), context
+
+
+def _check_batch(name, t, batch):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < 2 or t.shape[0] != batch:
+        raise ValueError(f"{name} must start with the batch dimension B={batch} of input_ids, "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _per_token(name, t, input_ids):
+    """A ``[B, T]`` input-token tensor -> ``[B, T - 1]``: the targets of the predictions."""
     if t is None:
         return None
-    if t.dim() < 2 or t.shape[1] not in (seq_len, seq_len - 1):
-        raise ValueError(f"{name} must be [B, T, ...] (aligned with input_ids) or "
-                         f"[B, T-1, ...] (already shifted), T={seq_len}; got {tuple(t.shape)}")
-    return t[:, 1:] if t.shape[1] == seq_len else t
+    batch, seq_len = input_ids.shape
+    _check_batch(name, t, batch)
+    if t.dim() != 2 or t.shape[1] != seq_len:
+        raise ValueError(
+            f"{name} must be [B, T] = [{batch}, {seq_len}], aligned with input_ids like Hugging "
+            f"Face labels (entry t is about input_ids[:, t]); got shape {tuple(t.shape)}")
+    return t[:, 1:]
 
 
-def _token_mask(name, mask, attention_mask, seq_len):
-    mask = _shifted(name, mask, seq_len)
-    if mask is not None and attention_mask is not None:
-        mask = (mask != 0) & (_shifted("attention_mask", attention_mask, seq_len) != 0)
-    return mask
+def _per_prediction(name, t, input_ids, trailing=None):
+    """A ``[B, T - 1, ...]`` next-token-prediction tensor, checked; ``[B, T, ...]`` refused."""
+    if t is None:
+        return None
+    batch, seq_len = input_ids.shape
+    _check_batch(name, t, batch)
+    dims = f"[B, T - 1{', ' + trailing if trailing else ''}]"
+    if t.shape[1] == seq_len:
+        raise ValueError(
+            f"{name} has T={seq_len} positions, as many as input_ids, but it holds next-token "
+            f"predictions, which are {dims} with T - 1 = {seq_len - 1}: entry t is the "
+            f"distribution that predicts input_ids[:, t + 1]. If it was taken at every position "
+            f"of a model's logits or hidden states, drop the last entry ({name}[:, :-1]); if it "
+            f"is aligned with labels (entry t about token t), drop the first ({name}[:, 1:]). "
+            "teacher_topk_from_model and logprobs_from_model return this layout.")
+    if t.shape[1] != seq_len - 1:
+        raise ValueError(f"{name} must be {dims} = [{batch}, {seq_len - 1}, ...] (one entry per "
+                         f"next-token prediction of input_ids), got shape {tuple(t.shape)}")
+    return t
+
+
+def _target_mask(mask, attention_mask, input_ids, name="loss_mask"):
+    """``[B, T - 1]`` bool: predictions whose target counts (``mask`` and not padding)."""
+    out = _per_token(name, mask, input_ids)
+    out = None if out is None else out != 0
+    attn = _per_token("attention_mask", attention_mask, input_ids)
+    if attn is not None:
+        out = attn != 0 if out is None else out & (attn != 0)
+    return out
+
+
+@torch.no_grad()
+def teacher_topk_from_model(teacher, input_ids, attention_mask=None, k=100, *, loss_mask=None,
+                            temperature=1.0, sample=False, generator=None, trunk_kwargs=None,
+                            backend="auto", memory_budget=None):
+    """The teacher's top-k ``(ids, logprobs)``, ``[B, T - 1, k]``, as the student helpers take it.
+
+    Entry ``t`` is the teacher's distribution for ``input_ids[:, t + 1]`` (see
+    the module docstring); pass the result as is to :func:`ckd_loss_from_model`
+    with the same ``input_ids``. With ``loss_mask`` (``[B, T]``, like labels),
+    only the predictions of masked-in, non-padding tokens are computed (the
+    teacher's lm_head work shrinks to the response); the others are padding
+    (id 0, log-prob ``-inf``) and must be masked out of the student's loss too,
+    which the student helpers do when given the same ``loss_mask``. Runs under
+    the ambient autocast, like the student helpers. ``sample=True`` draws
+    ``k`` weighted samples instead (see
+    :func:`star_kernels.fused_linear_topk_logprobs`).
+    """
+    hidden, weight, bias = hidden_states(teacher, input_ids, attention_mask,
+                                         **(trunk_kwargs or {}))
+    hidden, weight, bias, context = fused_head_inputs(hidden[:, :-1], weight, bias)
+    topk = {"temperature": temperature, "bias": bias, "sample": sample, "generator": generator,
+                "backend": backend, "memory_budget": memory_budget}
+    with context:
+        if loss_mask is None:
+            return fused_linear_topk_logprobs(hidden, weight, k, **topk)
+        keep = _target_mask(loss_mask, attention_mask, input_ids)
+        ids, logps = fused_linear_topk_logprobs(hidden[keep], weight, k, **topk)
+    out_ids = ids.new_zeros(keep.shape + (k,))
+    out_logps = logps.new_full(keep.shape + (k,), float("-inf"))
+    out_ids[keep], out_logps[keep] = ids, logps
+    return out_ids, out_logps
+
+
+def _check_teacher_covers(teacher_logprobs, mask):
+    """A counted prediction whose teacher entries are all padding has no target: refuse it."""
+    empty = torch.isneginf(teacher_logprobs).all(-1)
+    if mask is not None:
+        empty = empty & mask
+    if empty.any():
+        b, t = (int(i) for i in empty.nonzero()[0])
+        raise ValueError(
+            f"teacher_logprobs[{b}, {t}] is all padding (-inf) but that prediction counts in the "
+            "loss: mask it out (loss_mask / labels = -100), or compute the teacher's top-k with "
+            "the same loss_mask as the student's")
 
 
 def ckd_loss_from_model(model, input_ids, attention_mask, teacher_ids, teacher_logprobs,
                         loss_mask=None, *, labels=None, trunk_kwargs=None, **ckd_kwargs):
     """:func:`star_kernels.fused_linear_ckd_loss` of a causal LM on ``input_ids``.
 
-    ``teacher_ids`` / ``teacher_logprobs`` (``[B, T, K]``), ``loss_mask`` and
-    ``labels`` (``[B, T]``) are aligned with ``input_ids`` (entry ``t`` is the
-    teacher's distribution for token ``t``), or already shifted to ``T - 1``.
-    Tokens where ``attention_mask`` is 0 never count. Other keyword arguments
-    are the CKD knobs (``tail_coef``, ``student_topm``, ``reduction``, ...).
+    ``teacher_ids`` / ``teacher_logprobs`` are ``[B, T - 1, K]``: entry ``t`` is
+    the teacher's distribution for ``input_ids[:, t + 1]``, as
+    :func:`teacher_topk_from_model` returns it; ``[B, T, K]`` is refused (see
+    the module docstring). ``loss_mask`` and ``labels`` are ``[B, T]`` like
+    ``input_ids``. Tokens where ``attention_mask`` is 0 never count. Other
+    keyword arguments are the CKD knobs (``tail_coef``, ``student_topm``,
+    ``reduction``, ...).
     """
-    seq_len = input_ids.shape[1]
+    teacher_ids = _per_prediction("teacher_ids", teacher_ids, input_ids, "K")
+    teacher_logprobs = _per_prediction("teacher_logprobs", teacher_logprobs, input_ids, "K")
+    mask = _target_mask(loss_mask, attention_mask, input_ids)
+    _check_teacher_covers(teacher_logprobs, mask)
     hidden, weight, bias = hidden_states(model, input_ids, attention_mask,
                                          **(trunk_kwargs or {}))
-    mask = _token_mask("loss_mask", loss_mask, attention_mask, seq_len)
-    if mask is None and attention_mask is not None:
-        mask = _shifted("attention_mask", attention_mask, seq_len) != 0
-    return fused_linear_ckd_loss(
-        hidden[:, :-1], weight, _shifted("teacher_ids", teacher_ids, seq_len),
-        _shifted("teacher_logprobs", teacher_logprobs, seq_len), mask=mask, bias=bias,
-        labels=_shifted("labels", labels, seq_len), **ckd_kwargs)
+    hidden, weight, bias, context = fused_head_inputs(hidden[:, :-1], weight, bias)
+    with context:
+        return fused_linear_ckd_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=mask,
+                                     bias=bias, labels=_per_token("labels", labels, input_ids),
+                                     **ckd_kwargs)
 
 
 def logprobs_from_model(model, input_ids, attention_mask=None, temperature=1.0,
@@ -124,13 +271,17 @@ def logprobs_from_model(model, input_ids, attention_mask=None, temperature=1.0,
                         memory_budget=None):
     """Log-probs ``[B, T - 1]`` of ``input_ids[:, 1:]`` under the model (and entropies).
 
-    Differentiable; entries at padding positions are computed but meaningless.
+    Entry ``t`` is the log-prob of ``input_ids[:, t + 1]``: the layout the
+    GRPO helper takes for ``old_logprobs`` / ``ref_logprobs``. Differentiable;
+    entries at padding positions are computed but meaningless.
     """
     hidden, weight, bias = hidden_states(model, input_ids, attention_mask,
                                          **(trunk_kwargs or {}))
-    return fused_linear_logprobs(hidden[:, :-1], weight, input_ids[:, 1:],
-                                 temperature=temperature, return_entropy=return_entropy,
-                                 bias=bias, backend=backend, memory_budget=memory_budget)
+    hidden, weight, bias, context = fused_head_inputs(hidden[:, :-1], weight, bias)
+    with context:
+        return fused_linear_logprobs(hidden, weight, input_ids[:, 1:], temperature=temperature,
+                                     return_entropy=return_entropy, bias=bias, backend=backend,
+                                     memory_budget=memory_budget)
 
 
 def grpo_loss_from_model(model, input_ids, attention_mask, completion_mask, advantages,
@@ -138,34 +289,43 @@ def grpo_loss_from_model(model, input_ids, attention_mask, completion_mask, adva
                          **grpo_kwargs):
     """:func:`star_kernels.fused_linear_grpo_loss` of a causal LM on prompt + completion ids.
 
-    ``completion_mask`` (``[B, T]``, aligned with ``input_ids``) marks the
-    sampled tokens; ``old_logprobs`` / ``ref_logprobs`` are ``[B, T - 1]`` as
-    :func:`logprobs_from_model` returns them (or ``[B, T]`` label-aligned);
-    ``advantages`` is ``[B]``. Returns ``(loss, diagnostics)``.
+    ``completion_mask`` (``[B, T]``, like ``input_ids``) marks the sampled
+    tokens; ``old_logprobs`` / ``ref_logprobs`` are ``[B, T - 1]`` as
+    :func:`logprobs_from_model` returns them; ``advantages`` is ``[B]`` or
+    ``[B, T - 1]``. Returns ``(loss, diagnostics)``.
     """
-    seq_len = input_ids.shape[1]
+    mask = _target_mask(completion_mask, attention_mask, input_ids, "completion_mask")
+    if isinstance(advantages, torch.Tensor) and advantages.dim() == 2:
+        advantages = _per_prediction("advantages", advantages, input_ids)
+    old_logprobs = _per_prediction("old_logprobs", old_logprobs, input_ids)
+    ref_logprobs = _per_prediction("ref_logprobs", ref_logprobs, input_ids)
     hidden, weight, bias = hidden_states(model, input_ids, attention_mask,
                                          **(trunk_kwargs or {}))
-    mask = _token_mask("completion_mask", completion_mask, attention_mask, seq_len)
-    if advantages.dim() == 2:
-        advantages = _shifted("advantages", advantages, seq_len)
-    return fused_linear_grpo_loss(
-        hidden[:, :-1], weight, input_ids[:, 1:], advantages, mask,
-        old_logprobs=_shifted("old_logprobs", old_logprobs, seq_len),
-        ref_logprobs=_shifted("ref_logprobs", ref_logprobs, seq_len), bias=bias, **grpo_kwargs)
+    hidden, weight, bias, context = fused_head_inputs(hidden[:, :-1], weight, bias)
+    with context:
+        return fused_linear_grpo_loss(hidden, weight, input_ids[:, 1:], advantages, mask,
+                                      old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                      bias=bias, **grpo_kwargs)
 
 
 def ckd_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None,
                      **ckd_kwargs):
     """A ``Trainer.compute_loss`` body for CKD.
 
-    ``inputs`` holds ``input_ids``, ``teacher_ids``, ``teacher_logprobs`` and
-    optionally ``attention_mask``, ``loss_mask`` (else ``labels != -100``) and
-    ``labels``, all aligned with ``input_ids``. With ``num_items_in_batch``
-    (the Trainer's token count over gradient-accumulation steps) the loss is
-    the sum over tokens divided by it, otherwise the mean over valid tokens.
-    Use ``remove_unused_columns=False`` so the Trainer keeps the teacher columns.
+    ``inputs`` holds ``input_ids`` and optionally ``attention_mask``,
+    ``loss_mask`` (else ``labels != -100``) and ``labels`` (``[B, T]``, like
+    ``input_ids``), and ``teacher_ids`` / ``teacher_logprobs`` (``[B, T - 1, K]``,
+    from :func:`teacher_topk_from_model` or a cache in that layout). With
+    ``num_items_in_batch`` (the Trainer's token count over gradient-accumulation
+    steps) the loss is the sum over tokens divided by it, otherwise the mean
+    over valid tokens. Use ``remove_unused_columns=False`` so the Trainer keeps
+    the teacher columns.
     """
+    missing = [k for k in ("input_ids", "teacher_ids", "teacher_logprobs") if k not in inputs]
+    if missing:
+        raise KeyError(f"the batch lacks {missing} (has {sorted(inputs)}): keep the teacher "
+                       "columns (remove_unused_columns=False) or compute them on the fly "
+                       "(star_kernels.trl.CKDSFTTrainer(teacher_model=...))")
     loss_mask = inputs.get("loss_mask")
     labels = inputs.get("labels")
     if loss_mask is None and labels is not None:
@@ -182,14 +342,26 @@ def ckd_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=Non
     return (loss, {"loss": loss}) if return_outputs else loss
 
 
+def trainer_autocast(trainer):
+    """The autocast a ``Trainer`` (through its accelerator) puts around ``model.forward``."""
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator.autocast() if accelerator is not None else nullcontext()
+
+
 class CKDTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass to train with the fused CKD loss.
 
     ``class CKDTrainer(CKDTrainerMixin, Trainer): ckd_kwargs = dict(tail_coef=10.0)``
+
+    The loss runs under the Trainer's mixed precision (``bf16=True`` /
+    ``fp16=True``): accelerate puts autocast around ``model.forward``, which
+    these helpers do not call, so the mixin enters the same autocast itself.
     """
 
-    ckd_kwargs: dict = {}
+    ckd_kwargs: ClassVar[dict] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return ckd_compute_loss(model, inputs, return_outputs=return_outputs,
-                                num_items_in_batch=num_items_in_batch, **dict(self.ckd_kwargs))
+        with trainer_autocast(self):
+            return ckd_compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch,
+                                    **dict(self.ckd_kwargs))

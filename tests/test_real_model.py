@@ -133,13 +133,16 @@ def test_tied_embedding_gets_both_gradients_through_the_model(smollm):
     embedding = model.model.embed_tokens.weight
 
     model.zero_grad(set_to_none=True)
-    fused = ckd_loss_from_model(model, ids, None, t_ids, t_logps, student_topm=50)
+    # star_kernels.hf takes one teacher entry per prediction ([B, T - 1, K]): the logits'
+    # own layout minus the last position.
+    fused = ckd_loss_from_model(model, ids, None, t_ids[:, :-1], t_logps[:, :-1],
+                                student_topm=50)
     fused.backward()
     got = embedding.grad.clone()
 
     model.zero_grad(set_to_none=True)
     logits = model(ids).logits[0, :-1]
-    want = reference.ckd_token_losses(logits.double(), t_ids[0, 1:], t_logps[0, 1:],
+    want = reference.ckd_token_losses(logits.double(), t_ids[0, :-1], t_logps[0, :-1],
                                       student_topm=50).mean()
     want.backward()
     torch.testing.assert_close(fused.double(), want, rtol=2e-4, atol=1e-5)
