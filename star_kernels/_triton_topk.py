@@ -21,6 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_ckd import HIST_MASK, _histogram
+
+# 2048 logits per step over 8 warps (8 per thread): 64 registers a thread on sm_90, no
+# spills, 4 programs (32 warps) per SM, as the CKD kernel. 2048 over 4 warps needed
+# 168 registers (3 programs per SM); tests/test_triton_compile.py checks the count.
+BLOCK = 2048
+NUM_WARPS = 8
+
 
 @triton.jit
 def _key(u):
@@ -49,7 +57,8 @@ def _select_digit(hist, k_rem, bins):
 
 
 @triton.jit
-def _refine(base, V, inv_t, prefix, k_rem, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+def _refine(base, V, inv_t, prefix, k_rem, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+            HIST_MASK: tl.constexpr):
     """One radix pass over the entries whose key agrees with ``prefix`` above ``SHIFT + 8``."""
     cols = tl.arange(0, BLOCK)
     bins = tl.arange(0, 256)
@@ -60,17 +69,14 @@ def _refine(base, V, inv_t, prefix, k_rem, SHIFT: tl.constexpr, BLOCK: tl.conste
         u = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32) * inv_t
         key = _key(u)
         ok = inb & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-        # Masked entries land in bin 0 and are taken out again (no histogram mask
-        # argument before triton 3.3).
-        h = tl.histogram(tl.where(ok, _digit(key, SHIFT), 0), 256)
-        hist += h - tl.where(bins == 0, BLOCK - tl.sum(ok.to(tl.int32), 0), 0)
+        hist += _histogram(_digit(key, SHIFT), ok, 256, HIST_MASK)
     digit, above = _select_digit(hist, k_rem, bins)
     return prefix | (digit << SHIFT), k_rem - above
 
 
 @triton.jit
 def _topk_kernel(logits_ptr, stride_row, out_ids_ptr, out_lp_ptr, V, K, inv_t,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, HIST_MASK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     cols = tl.arange(0, BLOCK)
@@ -85,19 +91,20 @@ def _topk_kernel(logits_ptr, stride_row, out_ids_ptr, out_lp_ptr, V, K, inv_t,
         inb = offs < V
         u = tl.load(base + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(u, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.where(inb, tl.exp(u - m_new), 0.0), 0)
+        # While every logit so far is -inf (masked vocabulary), shift by 0, not -inf.
+        shift_by = tl.where(m_new > float("-inf"), m_new, 0.0)
+        s = s * tl.exp(m - shift_by) + tl.sum(tl.where(inb, tl.exp(u - shift_by), 0.0), 0)
         m = m_new
-        h = tl.histogram(tl.where(inb, _digit(_key(u), 24), 0), 256)
-        hist += h - tl.where(bins == 0, BLOCK - tl.sum(inb.to(tl.int32), 0), 0)
+        hist += _histogram(_digit(_key(u), 24), inb, 256, HIST_MASK)
     lse = m + tl.log(s)
     digit, above = _select_digit(hist, K, bins)
     prefix = (digit ^ 0x80) << 24
     k_rem = K - above
 
     # Passes 2-4: the remaining 24 bits of the threshold key.
-    prefix, k_rem = _refine(base, V, inv_t, prefix, k_rem, 16, BLOCK)
-    prefix, k_rem = _refine(base, V, inv_t, prefix, k_rem, 8, BLOCK)
-    prefix, k_rem = _refine(base, V, inv_t, prefix, k_rem, 0, BLOCK)
+    prefix, k_rem = _refine(base, V, inv_t, prefix, k_rem, 16, BLOCK, HIST_MASK)
+    prefix, k_rem = _refine(base, V, inv_t, prefix, k_rem, 8, BLOCK, HIST_MASK)
+    prefix, k_rem = _refine(base, V, inv_t, prefix, k_rem, 0, BLOCK, HIST_MASK)
     n_above = K - k_rem                                   # entries strictly above it
 
     # Gather: entries above the threshold, then ties at it until K are taken.
@@ -112,19 +119,27 @@ def _topk_kernel(logits_ptr, stride_row, out_ids_ptr, out_lp_ptr, V, K, inv_t,
         key = _key(u)
         gt = inb & (key > prefix)
         eq = inb & (key == prefix)
-        gt_i = gt.to(tl.int32)
-        eq_i = eq.to(tl.int32)
-        pos = tl.where(gt, n_gt + tl.cumsum(gt_i, 0) - 1, n_above + n_eq + tl.cumsum(eq_i, 0) - 1)
+        # One scan counts both: ``gt`` in the low 16 bits, ``eq`` in the high ones
+        # (BLOCK < 2**16), half the registers and shuffles of two scans.
+        both = tl.cumsum(gt.to(tl.int32) | (eq.to(tl.int32) << 16), 0)
+        pos = tl.where(gt, n_gt + (both & 0xFFFF) - 1, n_above + n_eq + (both >> 16) - 1)
         keep = gt | (eq & (pos < K))
         tl.store(out_ids + pos, offs.to(tl.int64), mask=keep)
         tl.store(out_lp + pos, u - lse, mask=keep)
-        n_gt += tl.sum(gt_i, 0)
-        n_eq += tl.sum(eq_i, 0)
+        total = tl.sum(gt.to(tl.int32) | (eq.to(tl.int32) << 16), 0)
+        n_gt += total & 0xFFFF
+        n_eq += total >> 16
 
 
 def topk_workspace_bytes(dtype: torch.dtype) -> int:
     """The kernel works in registers: only the chunk of logits itself."""
     return torch.empty((), dtype=dtype).element_size()
+
+
+def launch_config(logits: torch.Tensor) -> dict:
+    """Constexprs and launch options of :func:`_topk_kernel` for these logits."""
+    return {"BLOCK": min(BLOCK, triton.next_power_of_2(max(logits.shape[1], 16))),
+            "HIST_MASK": HIST_MASK, "num_warps": NUM_WARPS}
 
 
 def topk_rows(logits, k: int, temperature: float):
@@ -135,9 +150,8 @@ def topk_rows(logits, k: int, temperature: float):
     ids = torch.empty(c, k, dtype=torch.int64, device=logits.device)
     lps = torch.empty(c, k, dtype=torch.float32, device=logits.device)
     if c:
-        block = min(2048, triton.next_power_of_2(max(vocab, 16)))
         _topk_kernel[(c,)](logits, logits.stride(0), ids, lps, vocab, k, 1.0 / temperature,
-                           BLOCK=block)
+                           **launch_config(logits))
     # Winners arrive in ascending id order; a stable sort keeps it among ties.
     lps, order = lps.sort(dim=1, descending=True, stable=True)
     return ids.gather(1, order), lps
