@@ -308,8 +308,8 @@ def grpo_loss_from_model(model, input_ids, attention_mask, completion_mask, adva
                                       bias=bias, **grpo_kwargs)
 
 
-def ckd_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None,
-                     **ckd_kwargs):
+def ckd_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, *,
+                     trunk_kwargs=None, **ckd_kwargs):
     """A ``Trainer.compute_loss`` body for CKD.
 
     ``inputs`` holds ``input_ids`` and optionally ``attention_mask``,
@@ -319,7 +319,7 @@ def ckd_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=Non
     ``num_items_in_batch`` (the Trainer's token count over gradient-accumulation
     steps) the loss is the sum over tokens divided by it, otherwise the mean
     over valid tokens. Use ``remove_unused_columns=False`` so the Trainer keeps
-    the teacher columns.
+    the teacher columns. ``trunk_kwargs`` go to the trunk (``position_ids``, ...).
     """
     missing = [k for k in ("input_ids", "teacher_ids", "teacher_logprobs") if k not in inputs]
     if missing:
@@ -336,7 +336,7 @@ def ckd_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=Non
         ckd_kwargs["reduction"] = "sum"
     loss = ckd_loss_from_model(model, inputs["input_ids"], inputs.get("attention_mask"),
                                inputs["teacher_ids"], inputs["teacher_logprobs"], loss_mask,
-                               labels=labels, **ckd_kwargs)
+                               labels=labels, trunk_kwargs=trunk_kwargs, **ckd_kwargs)
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
     return (loss, {"loss": loss}) if return_outputs else loss
