@@ -2,10 +2,11 @@
 
 from ._backends import BackendUnavailableError
 from .ckd import FusedLinearCKDLoss, fused_linear_ckd_loss
-from .grpo import fused_linear_grpo_loss
-from .logprobs import fused_linear_logprobs
-from .topk import fused_linear_topk_logprobs
+from .grpo import FusedLinearGRPOLoss, fused_linear_grpo_loss
+from .logprobs import FusedLinearLogprobs, fused_linear_logprobs
+from .topk import FusedLinearTopKLogprobs, fused_linear_topk_logprobs
 
-__all__ = ["BackendUnavailableError", "FusedLinearCKDLoss", "fused_linear_ckd_loss",
+__all__ = ["BackendUnavailableError", "FusedLinearCKDLoss", "FusedLinearGRPOLoss",
+           "FusedLinearLogprobs", "FusedLinearTopKLogprobs", "fused_linear_ckd_loss",
            "fused_linear_grpo_loss", "fused_linear_logprobs", "fused_linear_topk_logprobs"]
 __version__ = "0.1.0"

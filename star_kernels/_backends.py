@@ -1,7 +1,8 @@
-"""Backend resolution: which implementation of the row ops runs."""
+"""What runs: which implementation of the row ops, and in which dtype the GEMMs run."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -99,3 +100,49 @@ def default_memory_budget(device: torch.device) -> int:
     ``[V, H]`` weight-gradient product, stays under 1 GB at H=1024.
     """
     return (512 << 20) if device.type == "cuda" else (256 << 20)
+
+
+# ---------------------------------------------------------------------------
+# Compute dtype: autocast and mixed input dtypes.
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        pass
+    return None
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.dtype:
+    """The dtype a fused op runs its GEMMs in.
+
+    Under an active ``torch.autocast`` on the inputs' device: the autocast dtype
+    (float64 inputs stay float64, as autocast leaves them). Otherwise the inputs'
+    common dtype, or for mixed dtypes (bf16 hidden states from an autocast trunk
+    and an fp32 weight) the lowest-precision one. The casts happen inside the
+    op's autograd Function, so each input's gradient comes back in its own dtype.
+    """
+    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
+    autocast = _autocast_dtype(hidden.device.type)
+    if autocast is not None and dtypes != {torch.float64}:
+        return autocast
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    if {torch.float16, torch.bfloat16} <= dtypes:
+        names = ", ".join(f"{n} {t.dtype}" for n, t in
+                          (("hidden", hidden), ("weight", weight), ("bias", bias))
+                          if t is not None)
+        raise TypeError(f"{names}: float16 and bfloat16 have no common lower precision; "
+                        "cast them to one dtype")
+    return min(dtypes, key=lambda d: torch.finfo(d).bits)
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for the op's own GEMMs: they run in the dtype chosen up front,
+    writing into buffers of that dtype (autocast would recast them)."""
+    if _autocast_dtype(device.type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)

@@ -1,6 +1,16 @@
-"""Knobs shared by every backend of the CKD loss."""
+"""Settings objects: the CKD objective's knobs, and one frozen options object per op.
+
+Each op's autograd Function takes ``(tensors..., options)``: the tensors autograd
+must see, then one of the ``*Options`` below holding everything else, so the
+Function's signature and its backward's ``None`` list do not grow with every knob.
+"""
+
+from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -18,3 +28,36 @@ class CKDConfig:
     temperature: float = 1.0
     tail_bucket: bool = False
     ignore_index: int = -100
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How any fused op runs: a concrete backend, the chunk workspace budget in bytes,
+    and the dtype of its GEMMs (the inputs are cast to it inside the Function)."""
+
+    backend: str
+    memory_budget: int
+    compute_dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class CKDOptions:
+    run: RunOptions
+    cfg: CKDConfig
+    reduction: str
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    run: RunOptions
+    temperature: float
+    want_entropy: bool
+
+
+@dataclass(frozen=True)
+class GRPOOptions:
+    """``terms(logp, adv, old, ref)`` gives the per-token loss and its derivative."""
+
+    run: RunOptions
+    temperature: float
+    terms: Callable

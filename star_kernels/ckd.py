@@ -11,62 +11,72 @@ import functools
 import torch
 
 from . import _backends, _validation as V
-from ._chunked import rows_per_chunk, run_chunks
-from ._config import CKDConfig
+from ._chunked import cast_operands, finish_grad, rows_per_chunk, run_chunks
+from ._config import CKDConfig, CKDOptions, RunOptions
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-class _FusedLinearCKD(torch.autograd.Function):
-    """Rows are already the valid tokens only; returns the reduced loss or per-row losses."""
+class _CKDFunction(torch.autograd.Function):
+    """Rows are already the valid tokens only; returns the reduced loss or per-row losses.
+
+    ``hidden``, ``weight`` and ``bias`` come in their own dtypes and are cast to the
+    compute dtype here, out of autograd's sight, so their gradients (accumulated in
+    fp32) are scaled and cast to each input's dtype in one pass in backward.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, labels,
-                cfg, backend, memory_budget, reduction):
-        row_op, workspace = _backends.row_functions(backend, "ckd")
-        row_op = functools.partial(row_op, cfg=cfg)
-        n = hidden.shape[0]
-        chunk = rows_per_chunk(n, weight.shape[0], workspace(hidden.dtype), memory_budget)
-        rows = (teacher_ids, teacher_logprobs, labels)
-        out_dtype = torch.promote_types(hidden.dtype, torch.float32)
-        needs = ctx.needs_input_grad
-        ctx.reduction = reduction
-        ctx.bias_given = bias is not None
-        with_grad = reduction != "none" and any(needs[:3])
-        per_row = 1.0 / max(n, 1) if reduction == "mean" else 1.0
-        scale = hidden.new_full((n,), per_row, dtype=out_dtype) if with_grad else None
-        (losses,), gh, gw, gb = run_chunks(
-            hidden, weight, bias, row_op, rows, scale, chunk,
-            need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
-        if reduction == "none":
+                opts: CKDOptions):
+        run, needs = opts.run, ctx.needs_input_grad
+        ctx.opts = opts
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        with _backends.no_autocast(hidden.device):
+            h, w, b = cast_operands(hidden, weight, bias, run.compute_dtype)
+            row_op, workspace = _backends.row_functions(run.backend, "ckd")
+            row_op = functools.partial(row_op, cfg=opts.cfg)
+            n = h.shape[0]
+            chunk = rows_per_chunk(n, w.shape[0], workspace(h.dtype), run.memory_budget)
+            rows = (teacher_ids, teacher_logprobs, labels)
+            out_dtype = torch.promote_types(h.dtype, torch.float32)
+            with_grad = opts.reduction != "none" and any(needs[:3])
+            per_row = 1.0 / max(n, 1) if opts.reduction == "mean" else 1.0
+            scale = h.new_full((n,), per_row, dtype=out_dtype) if with_grad else None
+            (losses,), gh, gw, gb = run_chunks(
+                h, w, b, row_op, rows, scale, chunk,
+                need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
+        if opts.reduction == "none":
             # Per-token upstream gradients are only known in backward: recompute there.
             ctx.row_op, ctx.chunk = row_op, chunk
-            ctx.save_for_backward(hidden, weight, bias, *rows)
+            ctx.save_for_backward(h, w, b, *rows)
             return losses.to(out_dtype)
         ctx.save_for_backward(gh, gw, gb)
         return (losses.sum() * per_row).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            hidden, weight, bias, *rows = ctx.saved_tensors
-            needs = ctx.needs_input_grad
-            _, gh, gw, gb = run_chunks(
-                hidden, weight, bias, ctx.row_op, rows, grad_out, ctx.chunk,
-                need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
-        else:
-            gh, gw, gb = ctx.saved_tensors
-            for g in (gh, gw, gb):
-                if g is not None:
-                    g.mul_(grad_out.to(g.dtype))
-        return gh, gw, gb if ctx.bias_given else None, *([None] * 7)
+        needs = ctx.needs_input_grad
+        with _backends.no_autocast(grad_out.device):
+            if ctx.opts.reduction == "none":
+                h, w, b, *rows = ctx.saved_tensors
+                _, gh, gw, gb = run_chunks(
+                    h, w, b, ctx.row_op, rows, grad_out, ctx.chunk,
+                    need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
+                scale = None
+            else:
+                (gh, gw, gb), scale = ctx.saved_tensors, grad_out
+            grads = [finish_grad(g, dtype, scale) if need else None
+                     for g, dtype, need in zip((gh, gw, gb), ctx.dtypes, needs)]
+        return (*grads, None, None, None, None)
 
 
 def _check_ckd_args(hidden, weight, teacher_ids, teacher_logprobs, mask, bias,
-                    labels, cfg, reduction, memory_budget):
+                    labels, cfg, reduction, memory_budget, validate):
+    """Structure checks now; the value checks go into the returned collector (or none)."""
     V.check_linear(hidden, weight, bias)
     token_shape, vocab = hidden.shape[:-1], weight.shape[0]
-    V.check_teacher(teacher_ids, teacher_logprobs, token_shape, vocab, hidden.device)
+    checks = V.value_checks(validate, "ckd", hidden.device)
+    V.check_teacher(teacher_ids, teacher_logprobs, token_shape, vocab, hidden.device, checks)
     if mask is not None:
         V.check_token_tensor("mask", mask, token_shape, hidden.device,
                              (torch.bool, torch.uint8, torch.int32, torch.int64))
@@ -79,13 +89,14 @@ def _check_ckd_args(hidden, weight, teacher_ids, teacher_logprobs, mask, bias,
         raise ValueError(f"tail_coef must be a finite number >= 0, got {cfg.tail_coef!r}")
     V.check_positive("temperature", cfg.temperature)
     V.check_choice("reduction", reduction, REDUCTIONS)
-    if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget > 0):
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    V.check_memory_budget(memory_budget)
     if cfg.kd_ratio < 1.0:
         if labels is None:
             raise ValueError("labels is required when kd_ratio < 1 (the CE part needs targets)")
         V.check_token_tensor("labels", labels, token_shape, hidden.device, V.INT_DTYPES)
-        V.check_ids_in_vocab("labels", labels, vocab, allow=cfg.ignore_index)
+        if checks is not None:
+            V.check_ids_in_vocab(checks, "labels", labels, vocab, allow=cfg.ignore_index)
+    return checks
 
 
 def fused_linear_ckd_loss(
@@ -106,6 +117,7 @@ def fused_linear_ckd_loss(
     tail_bucket: bool = False,
     ignore_index: int = -100,
     memory_budget: int | None = None,
+    validate: str = "auto",
 ) -> torch.Tensor:
     """STAR's constrained knowledge-distillation loss, fused with the lm_head.
 
@@ -118,25 +130,40 @@ def fused_linear_ckd_loss(
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states.
-        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``. Under
+            ``torch.autocast`` the GEMMs run in the autocast dtype; outside it,
+            mixed dtypes (bf16 hidden, fp32 weight) run in the lower precision.
+            Gradients come back in each input's own dtype.
         teacher_ids, teacher_logprobs: ``[..., K]``; log-probs normalised over
-            the teacher's full vocabulary.
-        mask: per-token bool, ``True`` where the token counts.
+            the teacher's full vocabulary (not logits: values above 0 or more
+            than 1% excess probability mass per token are rejected).
+        mask: per-token bool, ``True`` where the token counts. Selecting the
+            valid rows costs one host synchronisation (their count); pass only
+            the valid rows and ``mask=None`` for a call without any.
         reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"``
             (per-token losses in the token shape, 0 where masked).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpp"``.
         memory_budget: bytes of transient chunk workspace (default 512 MiB on
             CUDA, 256 MiB on CPU).
+        validate: value checks of the inputs (ids in range, finite teacher
+            log-probs that are log-probabilities, no repeated ids): ``"auto"``
+            (every call on CPU; on CUDA the first call only, so later calls
+            do not synchronise with the host), ``"full"`` or ``"shapes"`` (none).
+            Shapes, dtypes, devices and knobs are always checked.
 
     Returns the loss in float32 (float64 for float64 inputs).
     """
     cfg = CKDConfig(tail_coef=float(tail_coef), student_topm=student_topm,
                     kd_ratio=float(kd_ratio), temperature=float(temperature),
                     tail_bucket=bool(tail_bucket), ignore_index=ignore_index)
-    _check_ckd_args(hidden, weight, teacher_ids, teacher_logprobs, mask, bias, labels,
-                    cfg, reduction, memory_budget)
+    checks = _check_ckd_args(hidden, weight, teacher_ids, teacher_logprobs, mask, bias, labels,
+                             cfg, reduction, memory_budget, validate)
     backend = _backends.resolve(backend, hidden.device)
+    dtype = _backends.compute_dtype(hidden, weight, bias)
+    if checks is not None:
+        checks.run()
     budget = memory_budget or _backends.default_memory_budget(hidden.device)
+    opts = CKDOptions(RunOptions(backend, budget, dtype), cfg, reduction)
 
     token_shape, k = hidden.shape[:-1], teacher_ids.shape[-1]
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -146,13 +173,10 @@ def fused_linear_ckd_loss(
     rows = None
     if mask is not None:
         keep = mask.reshape(-1) != 0
-        if not bool(keep.all()):
-            rows = keep.nonzero().squeeze(1)
-            h, ids, lps = h[rows], ids[rows], lps[rows]
-            lab = None if lab is None else lab[rows]
-    weight_c = weight if weight.is_contiguous() else weight.contiguous()
-    out = _FusedLinearCKD.apply(h, weight_c, bias, ids, lps, lab, cfg, backend, budget,
-                                reduction)
+        rows = keep.nonzero().squeeze(1)  # the mask's one host synchronisation
+        h, ids, lps = h[rows], ids[rows], lps[rows]
+        lab = None if lab is None else lab[rows]
+    out = _CKDFunction.apply(h, weight, bias, ids, lps, lab, opts)
     if reduction != "none":
         return out
     if rows is not None:
@@ -166,12 +190,12 @@ class FusedLinearCKDLoss(torch.nn.Module):
     def __init__(self, tail_coef: float = 10.0, student_topm: int = 100, kd_ratio: float = 1.0,
                  temperature: float = 1.0, reduction: str = "mean", backend: str = "auto", *,
                  tail_bucket: bool = False, ignore_index: int = -100,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, validate: str = "auto"):
         super().__init__()
         self.knobs = dict(tail_coef=tail_coef, student_topm=student_topm, kd_ratio=kd_ratio,
                           temperature=temperature, reduction=reduction, backend=backend,
                           tail_bucket=tail_bucket, ignore_index=ignore_index,
-                          memory_budget=memory_budget)
+                          memory_budget=memory_budget, validate=validate)
 
     def forward(self, hidden, weight, teacher_ids, teacher_logprobs, mask=None, bias=None,
                 labels=None):

@@ -13,8 +13,9 @@ import functools
 import torch
 
 from . import _backends, _validation as V
-from ._chunked import rows_per_chunk, run_chunks
-from .logprobs import check_logprob_args
+from ._chunked import cast_operands, finish_grad, rows_per_chunk, run_chunks
+from ._config import GRPOOptions
+from .logprobs import check_logprob_args, run_options
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token_mean", "seq_mean", "dr_grpo")
@@ -33,44 +34,42 @@ def _clip_range(clip_eps):
     return float(low), float(high)
 
 
-def _check_finite_where(name, t, keep):
-    bad = ~torch.isfinite(t)
-    if keep is not None:
-        bad &= keep
-    if bad.any():
-        kind = "NaN" if torch.isnan(t[bad]).any() else "inf"
-        raise ValueError(f"{name} holds {kind} at a masked-in token")
-
-
 def _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs,
-                     bias, temperature, kl_coef, kl_estimator, loss_agg, memory_budget):
+                     bias, temperature, kl_coef, kl_estimator, loss_agg, memory_budget,
+                     validate):
+    """Structure checks now; the value checks go into the returned collector (or none)."""
     check_logprob_args(hidden, weight, token_ids, bias, temperature, memory_budget)
     token_shape, device = hidden.shape[:-1], hidden.device
     V.check_token_tensor("mask", mask, token_shape, device,
                          (torch.bool, torch.uint8, torch.int32, torch.int64))
+    checks = V.value_checks(validate, "grpo", device)
     keep = mask != 0
-    V.check_ids_in_vocab("token_ids", token_ids[keep], weight.shape[0])
+    if checks is not None:
+        V.check_ids_in_vocab(checks, "token_ids", token_ids, weight.shape[0], where=keep)
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    if hidden.dim() == 3 and advantages.dim() == 1:
+    per_sequence = hidden.dim() == 3 and advantages.dim() == 1
+    if per_sequence:
         V.check_token_tensor("advantages", advantages, token_shape[:1], device, V.FLOAT_DTYPES)
-        _check_finite_where("advantages", advantages, None)
     else:
         if advantages.dim() != len(token_shape):
             per_seq = f"[B]={list(token_shape[:1])} or " if hidden.dim() == 3 else ""
             raise ValueError(f"advantages must have shape {per_seq}{list(token_shape)}, "
                              f"got {tuple(advantages.shape)}")
         V.check_token_tensor("advantages", advantages, token_shape, device, V.FLOAT_DTYPES)
-        _check_finite_where("advantages", advantages, keep)
+    if checks is not None:
+        V.check_finite_where(checks, "advantages", advantages, None if per_sequence else keep)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if t is not None:
             V.check_token_tensor(name, t, token_shape, device, V.FLOAT_DTYPES)
-            _check_finite_where(name, t, keep)
+            if checks is not None:
+                V.check_finite_where(checks, name, t, keep)
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) \
             or not 0.0 <= kl_coef < float("inf"):
         raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
     V.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     V.check_choice("loss_agg", loss_agg, LOSS_AGGS)
+    return checks
 
 
 def kl_penalty(logp, ref_logp, estimator):
@@ -112,22 +111,24 @@ def token_terms(logp, adv, old, ref, low, high, kl_coef, estimator):
     return loss, dloss, ratio, clip_active, kl
 
 
-class _FusedLinearGRPO(torch.autograd.Function):
+class _GRPOFunction(torch.autograd.Function):
     """Masked-in rows only; returns ``(loss, logp)`` with the gradients made in forward.
 
     The per-token loss is an elementwise function of the token's log-prob, so its
     derivative is known as soon as a chunk's log-probs are: each chunk's logits
     are turned into the gradient right away and never recomputed (three GEMMs,
     as for CKD). ``token_weight`` holds each token's weight in the aggregate.
+    Inputs are cast to the compute dtype here, out of autograd's sight (see
+    :mod:`star_kernels.ckd`).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_ids, adv, old, ref, token_weight, terms,
-                temperature, backend, memory_budget):
-        logprob_rows, workspace = _backends.row_functions(backend, "logprob")
-        n = hidden.shape[0]
-        chunk = rows_per_chunk(n, weight.shape[0], workspace(hidden.dtype), memory_budget)
+    def forward(ctx, hidden, weight, bias, token_ids, adv, old, ref, token_weight,
+                opts: GRPOOptions):
+        run, terms, temperature = opts.run, opts.terms, opts.temperature
         needs = ctx.needs_input_grad
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        logprob_rows, workspace = _backends.row_functions(run.backend, "logprob")
 
         def row_op(logits, ids_c, adv_c, old_c, ref_c, weight_c):
             if weight_c is None:
@@ -137,32 +138,33 @@ class _FusedLinearGRPO(torch.autograd.Function):
             def upstream(logp):
                 return weight_c * terms(logp.to(adv_c.dtype), adv_c, old_c, ref_c)[1]
 
-            if backend == "torch":  # its row op calls ``upstream`` between the passes
+            if run.backend == "torch":  # its row op calls ``upstream`` between the passes
                 logp, _, dlogits = logprob_rows(logits, ids_c, temperature, False, upstream)
             else:  # value pass (leaves the logits intact), then the gradient pass
                 logp, _, _ = logprob_rows(logits, ids_c, temperature, False)
                 _, _, dlogits = logprob_rows(logits, ids_c, temperature, False, upstream(logp))
             return (logp,), dlogits
 
-        with_grad = any(needs[:3])
-        (logp,), gh, gw, gb = run_chunks(
-            hidden, weight, bias, row_op, (token_ids, adv, old, ref),
-            token_weight if with_grad else None, chunk,
-            need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
+        with _backends.no_autocast(hidden.device):
+            h, w, b = cast_operands(hidden, weight, bias, run.compute_dtype)
+            chunk = rows_per_chunk(h.shape[0], w.shape[0], workspace(h.dtype), run.memory_budget)
+            with_grad = any(needs[:3])
+            (logp,), gh, gw, gb = run_chunks(
+                h, w, b, row_op, (token_ids, adv, old, ref),
+                token_weight if with_grad else None, chunk,
+                need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
         logp = logp.to(adv.dtype)
         loss = (token_weight * terms(logp, adv, old, ref)[0]).sum()
-        ctx.bias_given = bias is not None
         ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(logp)
         return loss, logp
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp):
-        gh, gw, gb = ctx.saved_tensors
-        for g in (gh, gw, gb):
-            if g is not None:
-                g.mul_(grad_loss.to(g.dtype))
-        return gh, gw, gb if ctx.bias_given else None, *([None] * 9)
+        needs = ctx.needs_input_grad
+        grads = [finish_grad(g, dtype, grad_loss) if need else None
+                 for g, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, needs)]
+        return (*grads, *([None] * 6))
 
 
 def fused_linear_grpo_loss(
@@ -182,6 +184,7 @@ def fused_linear_grpo_loss(
     backend: str = "auto",
     *,
     memory_budget: int | None = None,
+    validate: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO / PPO-clipped policy loss with a KL penalty, fused with the lm_head.
 
@@ -191,11 +194,14 @@ def fused_linear_grpo_loss(
 
     Args:
         hidden: ``[B, T, H]`` (or ``[N, H]``, one sequence) aligned with ``token_ids``.
-        weight: ``[V, H]``; ``bias``: optional ``[V]``.
+        weight: ``[V, H]``; ``bias``: optional ``[V]``. Under ``torch.autocast``
+            the GEMMs run in the autocast dtype; mixed dtypes outside it run in
+            the lower precision. Gradients come back in each input's own dtype.
         token_ids: ``[B, T]`` sampled tokens (ids under a false mask are ignored).
         advantages: ``[B]`` per sequence (broadcast over tokens) or per token
             ``[B, T]``; must be finite.
-        mask: ``[B, T]``, true for the completion tokens that count.
+        mask: ``[B, T]``, true for the completion tokens that count. Selecting
+            them costs one host synchronisation (their count).
         old_logprobs: behaviour-policy log-probs ``[B, T]``; ``None`` means
             on-policy (``ratio = exp(logp - logp.detach())``, value 1, gradient
             of ``logp``).
@@ -209,6 +215,10 @@ def fused_linear_grpo_loss(
             ``"seq_mean"`` (mean over sequences with at least one token of each
             sequence's masked mean) or ``"dr_grpo"`` (masked sum / (B * T)).
         backend, memory_budget: as in :func:`fused_linear_logprobs`.
+        validate: when the values are checked (``token_ids`` in the vocabulary
+            and finite ``advantages``, ``old_logprobs`` and ``ref_logprobs`` at
+            masked-in tokens): ``"auto"`` (every call on CPU, the first call on
+            CUDA), ``"full"`` or ``"shapes"`` (never).
 
     Returns ``(loss, diagnostics)``: the scalar loss (float32; float64 for
     float64 inputs; 0 with zero gradients for an all-false mask) and detached
@@ -220,15 +230,17 @@ def fused_linear_grpo_loss(
     behaviour log-probs a later PPO epoch needs, without another forward pass.
     """
     low, high = _clip_range(clip_eps)
-    _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs,
-                     bias, temperature, kl_coef, kl_estimator, loss_agg, memory_budget)
-    backend = _backends.resolve(backend, hidden.device)
-    budget = memory_budget or _backends.default_memory_budget(hidden.device)
+    checks = _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs,
+                              ref_logprobs, bias, temperature, kl_coef, kl_estimator, loss_agg,
+                              memory_budget, validate)
+    run = run_options(hidden, weight, bias, backend, memory_budget)
+    if checks is not None:
+        checks.run()
     n_seq, seq_len = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 \
         else (1, hidden.shape[0])
-    ctype = torch.promote_types(hidden.dtype, torch.float32)
+    ctype = torch.promote_types(run.compute_dtype, torch.float32)
 
-    rows = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+    rows = (mask.reshape(-1) != 0).nonzero().squeeze(1)  # the mask's one host synchronisation
     count = rows.numel()
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
 
@@ -247,15 +259,14 @@ def fused_linear_grpo_loss(
     else:  # each present sequence's masked mean, averaged over present sequences
         seq = rows // seq_len
         lengths = torch.bincount(seq, minlength=n_seq)
-        present = int((lengths > 0).sum())
-        token_weight = 1.0 / (lengths[seq].to(ctype) * max(present, 1))
+        present = (lengths > 0).sum().clamp_min(1)  # a tensor: no host synchronisation
+        token_weight = 1.0 / (lengths[seq].to(ctype) * present)
 
     terms = functools.partial(token_terms, low=low, high=high, kl_coef=kl_coef,
                               estimator=kl_estimator)
-    weight_c = weight if weight.is_contiguous() else weight.contiguous()
-    loss, logp = _FusedLinearGRPO.apply(
-        h, weight_c, bias, token_ids.reshape(-1)[rows], adv, old, ref, token_weight, terms,
-        float(temperature), backend, budget)
+    opts = GRPOOptions(run, float(temperature), terms)
+    loss, logp = _GRPOFunction.apply(h, weight, bias, token_ids.reshape(-1)[rows], adv, old,
+                                     ref, token_weight, opts)
     _, _, ratio, clip_active, kl = terms(logp, adv, old, ref)
 
     def token_mean(x):
@@ -270,3 +281,25 @@ def fused_linear_grpo_loss(
         .index_copy_(0, rows, logp.to(ctype)).view(token_ids.shape),
     }
     return loss.to(ctype), diagnostics
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_grpo_loss`; the knobs are fixed at construction."""
+
+    def __init__(self, clip_eps: float | tuple[float, float] = 0.2, kl_coef: float = 1e-3,
+                 kl_estimator: str = "k2", temperature: float = 1.0,
+                 loss_agg: str = "token_mean", backend: str = "auto", *,
+                 memory_budget: int | None = None, validate: str = "auto"):
+        super().__init__()
+        self.knobs = dict(clip_eps=clip_eps, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                          temperature=temperature, loss_agg=loss_agg, backend=backend,
+                          memory_budget=memory_budget, validate=validate)
+
+    def forward(self, hidden, weight, token_ids, advantages, mask, old_logprobs=None,
+                ref_logprobs=None, bias=None):
+        return fused_linear_grpo_loss(hidden, weight, token_ids, advantages, mask,
+                                      old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                      bias=bias, **self.knobs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.knobs.items())

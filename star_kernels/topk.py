@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _backends, _validation as V
-from ._chunked import rows_per_chunk, run_chunks
+from ._chunked import cast_operands, rows_per_chunk, run_chunks
 
 
 def _sample_rows(logits, k, temperature, generator):
@@ -62,6 +62,8 @@ def fused_linear_topk_logprobs(
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]``; ``weight``: ``[V, H]``; ``bias``: ``[V]``.
+            Under ``torch.autocast`` the GEMMs run in the autocast dtype; mixed
+            dtypes outside it run in the lower precision.
         k: entries per token, ``1 <= k <= V``.
         sample: ``False``: the exact top-k, sorted descending (equal values in
             ascending id order). ``True``: ``k`` draws with replacement from the
@@ -73,15 +75,15 @@ def fused_linear_topk_logprobs(
             runs the same chunked PyTorch code on every backend).
         memory_budget: bytes of transient chunk workspace.
 
-    Returns ``(ids int64 [..., k], logprobs float32 [..., k])``. No gradient.
+    Returns ``(ids int64 [..., k], logprobs float32 [..., k])``. No gradient, and
+    no value checks (nothing here indexes by a caller's ids), so no host sync.
     """
     V.check_linear(hidden, weight, bias)
     vocab = weight.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
         raise ValueError(f"k must be an int in [1, V={vocab}], got {k!r}")
     V.check_positive("temperature", temperature)
-    if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget > 0):
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    V.check_memory_budget(memory_budget)
     if generator is not None:
         if not sample:
             raise ValueError("generator is only used with sample=True")
@@ -90,22 +92,40 @@ def fused_linear_topk_logprobs(
         if generator.device.type != hidden.device.type:
             raise ValueError(f"generator is on {generator.device} but hidden is on {hidden.device}")
     backend = _backends.resolve(backend, hidden.device)
+    dtype = _backends.compute_dtype(hidden, weight, bias)
     budget = memory_budget or _backends.default_memory_budget(hidden.device)
     temperature = float(temperature)
 
     token_shape = hidden.shape[:-1]
-    h = hidden.reshape(-1, hidden.shape[-1])
-    weight_c = weight if weight.is_contiguous() else weight.contiguous()
-    if sample:
-        def row_op(logits, scale):
-            return _sample_rows(logits, k, temperature, generator), None
-        bytes_per_logit = hidden.element_size() + 3 * 4
-    else:
-        topk_rows, workspace = _backends.row_functions(backend, "topk")
+    with _backends.no_autocast(hidden.device):
+        h, w, b = cast_operands(hidden.reshape(-1, hidden.shape[-1]), weight, bias, dtype)
+        if sample:
+            def row_op(logits, scale):
+                return _sample_rows(logits, k, temperature, generator), None
+            bytes_per_logit = h.element_size() + 3 * 4
+        else:
+            topk_rows, workspace = _backends.row_functions(backend, "topk")
 
-        def row_op(logits, scale):
-            return topk_rows(logits, k, temperature), None
-        bytes_per_logit = workspace(hidden.dtype)
-    chunk = rows_per_chunk(h.shape[0], vocab, bytes_per_logit, budget)
-    (ids, logprobs), *_ = run_chunks(h, weight_c, bias, row_op, (), None, chunk)
+            def row_op(logits, scale):
+                return topk_rows(logits, k, temperature), None
+            bytes_per_logit = workspace(h.dtype)
+        chunk = rows_per_chunk(h.shape[0], vocab, bytes_per_logit, budget)
+        (ids, logprobs), *_ = run_chunks(h, w, b, row_op, (), None, chunk)
     return ids.reshape(*token_shape, k), logprobs.reshape(*token_shape, k)
+
+
+class FusedLinearTopKLogprobs(torch.nn.Module):
+    """Module form of :func:`fused_linear_topk_logprobs`; the knobs are fixed at construction."""
+
+    def __init__(self, k: int, temperature: float = 1.0, sample: bool = False,
+                 backend: str = "auto", *, memory_budget: int | None = None):
+        super().__init__()
+        self.knobs = dict(k=k, temperature=temperature, sample=sample, backend=backend,
+                          memory_budget=memory_budget)
+
+    def forward(self, hidden, weight, bias=None, generator=None):
+        return fused_linear_topk_logprobs(hidden, weight, bias=bias, generator=generator,
+                                          **self.knobs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.knobs.items())

@@ -178,7 +178,9 @@ def test_low_precision_inputs(backend, dtype, tol):
     (lambda p: dict(clip_eps=(0.1, 0.2, 0.3)), "clip_eps"),
     (lambda p: dict(kl_coef=-1.0), "kl_coef"),
     (lambda p: dict(temperature=0), "temperature"),
-    (lambda p: dict(weight=p["weight"].float()), "weight dtype"),
+    (lambda p: dict(weight=p["weight"].half(), hidden=p["hidden"].bfloat16()),
+     "float16 and bfloat16 have no common lower precision"),
+    (lambda p: dict(validate="none"), "validate must be one of"),
     (lambda p: dict(backend="tpu"), "backend must be one of"),
 ])
 def test_bad_input_names_the_argument(over, match):

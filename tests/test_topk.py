@@ -169,7 +169,8 @@ def test_sampling_a_one_hot_distribution_gives_a_single_id():
     (dict(backend="gpu"), "backend must be one of"),
     (dict(hidden=torch.zeros(2, 3, 4, 5)), "hidden must be"),
     (dict(weight=torch.zeros(19, 5)), "hidden size"),
-    (dict(weight=torch.zeros(19, 4, dtype=torch.float64)), "weight dtype"),
+    (dict(weight=torch.zeros(19, 4, dtype=torch.bfloat16), hidden=torch.zeros(6, 4).half()),
+     "float16 and bfloat16 have no common lower precision"),
     (dict(bias=torch.zeros(18)), "bias must be"),
     (dict(memory_budget=0), "memory_budget"),
 ])
