@@ -100,6 +100,14 @@ def test_ckd_row_passes(dtype, temperature, quantum, grad, want):
     torch.testing.assert_close(loss, want_loss, rtol=tol, atol=tol)
 
 
+def test_roofline_model_uses_these_pass_counts():
+    """benchmarks/roofline.py predicts the row kernel's traffic from its pass table:
+    16-bit logits with gradient read 3 times (test above), fp32 at most 5 times."""
+    from benchmarks import roofline
+
+    assert roofline.ROW_PASSES["row3"]["ckd"] == {"16-bit": (3, 1), "fp32": (5, 1)}
+
+
 def test_ckd_fp16_uses_every_mantissa_bit():
     """fp16 values in [4, 8) agree on the top 16 bits of their fp32 key in groups of
     eight: a select that stops there counts whole groups into the top m."""
