@@ -86,9 +86,16 @@ def accumulate_weight_grad(acc, dlogits, h):
     elif acc.device.type == "cpu":
         acc.addmm_(dlogits.T.to(acc.dtype), h.to(acc.dtype))
     else:
-        for start in range(0, acc.shape[0], _PARTIAL_ROWS):
-            block = slice(start, start + _PARTIAL_ROWS)
-            acc[block].add_(dlogits[:, block].T @ h)
+        _accumulate_blocked(acc, dlogits, h)
+
+
+def _accumulate_blocked(acc, dlogits, h):
+    """``acc += dlogits.T @ h`` through ``[_PARTIAL_ROWS, H]`` 16-bit partials (a GPU
+    without an fp32-output GEMM in this torch: widening the chunk there would run the
+    GEMM in fp32 without tensor cores)."""
+    for start in range(0, acc.shape[0], _PARTIAL_ROWS):
+        block = slice(start, start + _PARTIAL_ROWS)
+        acc[block].add_(dlogits[:, block].T @ h)
 
 
 def run_chunks(hidden, weight, bias, row_op, row_inputs, grad_scale, chunk_rows,
