@@ -32,12 +32,12 @@ teacher's top-k at every position of its logits (last entry unused) and a
 label-aligned tensor (first entry unused) have the same shape, and reading one
 as the other shifts every target by a token without any error.
 
-Mixed precision: under an active ``torch.autocast`` the trunk runs in the
-autocast dtype (it is ambient) and the helpers hand the fused ops the hidden
-states, weight and bias cast to that dtype, as autocast would for ``lm_head``;
-without autocast the ops see the trunk's own dtype. :class:`CKDTrainerMixin`
-enters the Trainer's autocast (``bf16=True`` / ``fp16=True``) itself, because
-accelerate wraps it around ``model.forward`` only, which these helpers bypass.
+Mixed precision: the fused ops read the ambient ``torch.autocast`` and run their
+GEMMs in its dtype (casting inside, so gradients reach fp32 parameters from fp32
+accumulators), so a helper called under autocast is mixed precision end to end: the
+trunk runs under it too. :class:`CKDTrainerMixin` enters the Trainer's autocast
+(``bf16=True`` / ``fp16=True``) itself, because accelerate wraps it around
+``model.forward`` only, which these helpers bypass.
 """
 
 from __future__ import annotations
@@ -56,9 +56,7 @@ __all__ = [
     "CKDTrainerMixin",
     "ckd_compute_loss",
     "ckd_loss_from_model",
-    "compute_dtype",
     "decoder_and_head",
-    "fused_head_inputs",
     "grpo_loss_from_model",
     "hidden_states",
     "logprobs_from_model",
@@ -115,32 +113,6 @@ def hidden_states(model, input_ids, attention_mask=None, **trunk_kwargs):
     out = trunk(input_ids=input_ids, attention_mask=attention_mask, **trunk_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden, head.weight, head.bias
-
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The autocast dtype of ``t``'s device when autocast is on there, else ``t.dtype``."""
-    kind = t.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return t.dtype
-
-
-def fused_head_inputs(hidden, weight, bias=None):
-    """``(hidden, weight, bias, context)``: one dtype for a fused op, and where to call it.
-
-    Under autocast the trunk's residual stream (and so its final norm's output)
-    stays in the fp32 of the parameters, and the lm_head weight is an fp32
-    parameter too; autocast would run ``lm_head`` in its own dtype, so the
-    three are cast to it here (the casts pass gradients back in fp32). The op
-    is then called inside ``context``, which turns autocast off, so the op runs
-    on exactly the dtype it is given.
-    """
-    dtype = compute_dtype(hidden)
-    kind = hidden.device.type
-    autocast_on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-    context = torch.autocast(kind, enabled=False) if autocast_on else nullcontext()
-    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
-    return cast(hidden), cast(weight), cast(bias), context
 
 
 def _check_batch(name, t, batch):
@@ -214,14 +186,13 @@ def teacher_topk_from_model(teacher, input_ids, attention_mask=None, k=100, *, l
     """
     hidden, weight, bias = hidden_states(teacher, input_ids, attention_mask,
                                          **(trunk_kwargs or {}))
-    hidden, weight, bias, context = fused_head_inputs(hidden[:, :-1], weight, bias)
+    hidden = hidden[:, :-1]
     topk = {"temperature": temperature, "bias": bias, "sample": sample, "generator": generator,
-                "backend": backend, "memory_budget": memory_budget}
-    with context:
-        if loss_mask is None:
-            return fused_linear_topk_logprobs(hidden, weight, k, **topk)
-        keep = _target_mask(loss_mask, attention_mask, input_ids)
-        ids, logps = fused_linear_topk_logprobs(hidden[keep], weight, k, **topk)
+            "backend": backend, "memory_budget": memory_budget}
+    if loss_mask is None:
+        return fused_linear_topk_logprobs(hidden, weight, k, **topk)
+    keep = _target_mask(loss_mask, attention_mask, input_ids)
+    ids, logps = fused_linear_topk_logprobs(hidden[keep], weight, k, **topk)
     out_ids = ids.new_zeros(keep.shape + (k,))
     out_logps = logps.new_full(keep.shape + (k,), float("-inf"))
     out_ids[keep], out_logps[keep] = ids, logps
@@ -256,14 +227,13 @@ def ckd_loss_from_model(model, input_ids, attention_mask, teacher_ids, teacher_l
     teacher_ids = _per_prediction("teacher_ids", teacher_ids, input_ids, "K")
     teacher_logprobs = _per_prediction("teacher_logprobs", teacher_logprobs, input_ids, "K")
     mask = _target_mask(loss_mask, attention_mask, input_ids)
-    _check_teacher_covers(teacher_logprobs, mask)
+    if ckd_kwargs.get("validate", "auto") != "shapes":     # one host sync; "shapes" skips it
+        _check_teacher_covers(teacher_logprobs, mask)
     hidden, weight, bias = hidden_states(model, input_ids, attention_mask,
                                          **(trunk_kwargs or {}))
-    hidden, weight, bias, context = fused_head_inputs(hidden[:, :-1], weight, bias)
-    with context:
-        return fused_linear_ckd_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=mask,
-                                     bias=bias, labels=_per_token("labels", labels, input_ids),
-                                     **ckd_kwargs)
+    return fused_linear_ckd_loss(hidden[:, :-1], weight, teacher_ids, teacher_logprobs,
+                                 mask=mask, bias=bias,
+                                 labels=_per_token("labels", labels, input_ids), **ckd_kwargs)
 
 
 def logprobs_from_model(model, input_ids, attention_mask=None, temperature=1.0,
@@ -277,11 +247,9 @@ def logprobs_from_model(model, input_ids, attention_mask=None, temperature=1.0,
     """
     hidden, weight, bias = hidden_states(model, input_ids, attention_mask,
                                          **(trunk_kwargs or {}))
-    hidden, weight, bias, context = fused_head_inputs(hidden[:, :-1], weight, bias)
-    with context:
-        return fused_linear_logprobs(hidden, weight, input_ids[:, 1:], temperature=temperature,
-                                     return_entropy=return_entropy, bias=bias, backend=backend,
-                                     memory_budget=memory_budget)
+    return fused_linear_logprobs(hidden[:, :-1], weight, input_ids[:, 1:],
+                                 temperature=temperature, return_entropy=return_entropy,
+                                 bias=bias, backend=backend, memory_budget=memory_budget)
 
 
 def grpo_loss_from_model(model, input_ids, attention_mask, completion_mask, advantages,
@@ -301,11 +269,9 @@ def grpo_loss_from_model(model, input_ids, attention_mask, completion_mask, adva
     ref_logprobs = _per_prediction("ref_logprobs", ref_logprobs, input_ids)
     hidden, weight, bias = hidden_states(model, input_ids, attention_mask,
                                          **(trunk_kwargs or {}))
-    hidden, weight, bias, context = fused_head_inputs(hidden[:, :-1], weight, bias)
-    with context:
-        return fused_linear_grpo_loss(hidden, weight, input_ids[:, 1:], advantages, mask,
-                                      old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                      bias=bias, **grpo_kwargs)
+    return fused_linear_grpo_loss(hidden[:, :-1], weight, input_ids[:, 1:], advantages, mask,
+                                  old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                  bias=bias, **grpo_kwargs)
 
 
 def ckd_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, *,

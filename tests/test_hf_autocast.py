@@ -1,9 +1,11 @@
 """Issue 10, item 2: bf16 / fp16 mixed precision reaches the fused ops through star_kernels.hf.
 
-Under autocast the trunk's output stays fp32 (the residual stream is in the parameters'
-dtype), so a helper that hands it to a fused op as is runs the lm_head GEMMs in fp32:
-nothing fails, the run is just not mixed precision. A spy on the op records the dtype it
-sees; the values are checked against the model's own logits under the same autocast.
+The fused ops run their GEMMs in the dtype of the ambient autocast. A helper that is
+called outside the autocast (as CKDTrainerMixin was: accelerate's autocast wraps
+model.forward, which the helpers bypass) runs the lm_head in fp32: nothing fails, the
+run is just not mixed precision. A spy records the dtype each op call computes in (the
+autocast dtype when autocast is on, else its inputs'); the values are checked against
+the model's own logits under the same autocast, and against fp32 to show they differ.
 """
 
 from typing import ClassVar
@@ -22,14 +24,15 @@ HALF = [torch.bfloat16, torch.float16]
 
 @pytest.fixture
 def seen(monkeypatch):
-    """Record ``(hidden dtype, weight dtype)`` of every fused op call made by star_kernels.hf."""
+    """Record ``(op, compute dtype)`` of every fused op call made by star_kernels.hf."""
     calls = []
 
     def spy(name):
         op = getattr(hf, name)
 
         def wrapper(hidden, weight, *args, **kwargs):
-            calls.append((name, hidden.dtype, weight.dtype))
+            on = torch.is_autocast_enabled(hidden.device.type)
+            calls.append((name, torch.get_autocast_dtype("cpu") if on else hidden.dtype))
             return op(hidden, weight, *args, **kwargs)
         monkeypatch.setattr(hf, name, wrapper)
 
@@ -51,11 +54,14 @@ def test_ckd_helper_runs_the_head_in_the_autocast_dtype(dtype, seen):
     g = torch.Generator().manual_seed(1)
     t_ids, t_logps = teacher_from_logits(torch.randn(3, 11, VOCAB, generator=g) * 3)
     knobs = {"student_topm": K, "tail_coef": 2.0}
+    fp32 = hf.ckd_loss_from_model(model, **d, teacher_ids=t_ids, teacher_logprobs=t_logps,
+                                  **knobs)
     with torch.autocast("cpu", dtype=dtype):
         loss = hf.ckd_loss_from_model(model, **d, teacher_ids=t_ids, teacher_logprobs=t_logps,
                                       **knobs)
         logits = model(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
-    assert seen == [("fused_linear_ckd_loss", dtype, dtype)]
+    assert seen == [("fused_linear_ckd_loss", torch.float32), ("fused_linear_ckd_loss", dtype)]
+    assert abs(loss.item() - fp32.item()) > 1e-6          # really computed in 16 bits
     assert logits.dtype == dtype                          # what autocast does to lm_head
     mask = (d["loss_mask"] & (d["attention_mask"] != 0))[:, 1:]
     want = reference.ckd_token_losses(logits[:, :-1][mask].double(), t_ids[mask], t_logps[mask],
@@ -77,7 +83,7 @@ def test_logprob_grpo_and_teacher_helpers_under_autocast(dtype, seen):
         loss, _ = hf.grpo_loss_from_model(model, d["input_ids"], d["attention_mask"],
                                           d["loss_mask"], torch.ones(3), lp.detach(),
                                           lp.detach())
-    assert [c[1:] for c in seen] == [(dtype, dtype)] * 3
+    assert [c[1] for c in seen] == [dtype] * 3
     want = logits[:, :-1].double().log_softmax(-1)
     torch.testing.assert_close(lp.double(), want.gather(-1, d["input_ids"][:, 1:, None])[..., 0],
                                rtol=2e-2, atol=2e-2)
@@ -92,7 +98,7 @@ def test_no_autocast_keeps_the_model_dtype(seen):
     hf.logprobs_from_model(model, d["input_ids"], d["attention_mask"])
     model = model.to(torch.bfloat16)
     hf.logprobs_from_model(model, d["input_ids"], d["attention_mask"])
-    assert [c[1:] for c in seen] == [(torch.float32,) * 2, (torch.bfloat16,) * 2]
+    assert [c[1] for c in seen] == [torch.float32, torch.bfloat16]
 
 
 def rows(d, t_ids, t_logps):
@@ -120,6 +126,5 @@ def test_trainer_bf16_reaches_the_fused_op(tmp_path, seen):
     trainer = CKDTrainer(model=model, args=args, train_dataset=rows(d, t_ids, t_logps))
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
-    assert seen and all(c == ("fused_linear_ckd_loss", torch.bfloat16, torch.bfloat16)
-                        for c in seen)
+    assert seen and all(c == ("fused_linear_ckd_loss", torch.bfloat16) for c in seen)
     assert model.lm_head.weight.dtype == torch.float32    # mixed precision: fp32 parameters
