@@ -4,16 +4,18 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# Installs nothing from the network. Extra wheels (liger-kernel, cut-cross-entropy,
+# Installs nothing from the network. Extra wheels (liger-kernel, cut-cross-entropy, veomni,
 # optionally matplotlib and its dependencies) are taken from ./.whl/ if present and
 # installed into a scratch folder on PYTHONPATH. Writes into OUTDIR (7 files):
 #   gpu-check.json   every measurement with device, versions, date and command
 #   gpu-check.md     the markdown tables (ratios to naive and to the bare GEMMs)
 #   gpu-check_<op>.png  time and memory vs N per implementation (needs matplotlib;
 #                    otherwise regenerate on any machine: python -m benchmarks.report OUTDIR/gpu-check.json)
+#   roofline-model.{json,md}  the roofline model's prediction for the CKD shape (a model)
 #   log.txt          environment, pytest output, benchmark progress
 # Knobs (environment): BENCH_BUDGET_S (seconds for the benchmarks, default 330),
-# TEST_TIMEOUT_S (pytest, default 150), BENCH_ARGS (extra arguments for python -m benchmarks).
+# TEST_TIMEOUT_S (pytest, default 150), BENCH_ARGS (extra arguments for python -m benchmarks),
+# BENCH_SKIP (rows to skip, default the CPU-only FKL rows star_torch_fkl,star_cpp_fkl).
 set -uo pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
@@ -58,10 +60,16 @@ timeout "$TEST_TIMEOUT_S" $PY -m pytest -q -m gpu tests -p no:cacheprovider \
     --continue-on-collection-errors >> "$LOG" 2>&1  # a module needing a missing extra must not stop the rest
 say "pytest exit code $?"
 
+say "roofline model (predicted, not measured) for comparison"
+$PY -m benchmarks.roofline --out "$OUT" --name roofline-model >> "$LOG" 2>&1
+
 say "benchmarks (budget ${BENCH_BUDGET_S}s)"
+# The FKL-only rows of our torch/cpp backends are CPU comparisons; on the GPU the
+# triton FKL row is the one to set beside VeOmni and Liger's KL div.
+SKIP=${BENCH_SKIP:-star_torch_fkl,star_cpp_fkl}
 # The budget stops starting new rows; the hard timeout leaves 90 s for one slow row.
 timeout $(( BENCH_BUDGET_S + 90 )) $PY -m benchmarks all --preset gpu-check \
-    --time-budget "$BENCH_BUDGET_S" --out "$OUT" --name gpu-check ${BENCH_ARGS:-} \
+    --time-budget "$BENCH_BUDGET_S" --out "$OUT" --name gpu-check --skip "$SKIP" ${BENCH_ARGS:-} \
     >> "$LOG" 2>&1
 rc=$?
 say "benchmarks exit code $rc"
