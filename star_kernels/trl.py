@@ -27,9 +27,9 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError('star_kernels.trl needs TRL: pip install "star-kernels[trl]"') from err
 
-from .hf import CKDTrainerMixin, teacher_topk_from_model, trainer_autocast
+from .hf import CKDTrainerMixin, grpo_loss_from_model, teacher_topk_from_model, trainer_autocast
 
-__all__ = ["TEACHER_COLUMNS", "CKDSFTTrainer", "TeacherColumnsCollator"]
+__all__ = ["TEACHER_COLUMNS", "CKDSFTTrainer", "FusedGRPOMixin", "TeacherColumnsCollator"]
 
 TEACHER_COLUMNS = ("teacher_ids", "teacher_logprobs")
 
@@ -146,3 +146,90 @@ class CKDSFTTrainer(CKDTrainerMixin, trl.SFTTrainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+# GRPO: TRL's GRPOTrainer with its loss computed by the fused GRPO op.
+_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dapo")
+
+
+def _check_grpo_settings(trainer):
+    args = trainer.args
+    unsupported = {
+        "loss_type": (trainer.loss_type not in _GRPO_LOSS_TYPES, trainer.loss_type),
+        "importance_sampling_level": (args.importance_sampling_level != "token",
+                                      args.importance_sampling_level),
+        "delta": (args.delta is not None, args.delta),
+        "top_entropy_quantile": (trainer.top_entropy_quantile < 1.0,
+                                 trainer.top_entropy_quantile),
+        "off_policy_mask_threshold": (trainer.off_policy_mask_threshold is not None,
+                                      trainer.off_policy_mask_threshold),
+        "use_bias_correction_kl": (trainer.beta != 0.0 and args.use_bias_correction_kl, True),
+        "vllm_importance_sampling_correction": (
+            trainer.use_vllm and args.vllm_importance_sampling_correction, True),
+    }
+    bad = [f"{name}={value!r}" for name, (is_bad, value) in unsupported.items() if is_bad]
+    if bad:
+        raise ValueError(f"FusedGRPOMixin computes TRL's loss_type in {list(_GRPO_LOSS_TYPES)} "
+                         f"with token-level PPO clipping and the k3 KL; unsupported: "
+                         f"{', '.join(bad)} (use TRL's own loss for those)")
+
+
+class FusedGRPOMixin:
+    """Mix into ``trl.GRPOTrainer``: the policy loss comes from
+    :func:`star_kernels.fused_linear_grpo_loss` (no ``[tokens, vocab]`` logits) instead
+    of TRL's per-token log-probs followed by its loss in PyTorch.
+
+    ``class Trainer(FusedGRPOMixin, trl.GRPOTrainer): pass``. Same objective as TRL's
+    for ``loss_type`` ``"dapo"`` (TRL's default), ``"bnpo"`` and ``"grpo"``: clip
+    ``(epsilon, epsilon_high)``, k3 KL times ``beta`` to the reference log-probs TRL
+    computed, ``temperature``; other settings are refused with their names. TRL's
+    loss metrics other than the clip fraction and KL are not logged.
+    """
+
+    def _compute_loss(self, model, inputs):
+        _check_grpo_settings(self)
+        prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+        mask = completion_mask * inputs["tool_mask"] if "tool_mask" in inputs else completion_mask
+        # TRL's per-completion-token tensors -> star_kernels.hf's layout: completion token j
+        # sits at input position P + j, predicted by prediction P + j - 1.
+        p = prompt_mask.shape[1]
+        full_mask = torch.cat([torch.zeros_like(prompt_mask), mask], 1)
+
+        def per_prediction(t):
+            if t is None:
+                return None
+            out = t.new_zeros(input_ids.shape[0], input_ids.shape[1] - 1)
+            out[:, p - 1:] = t
+            return out
+
+        loss_agg = "seq_mean" if self.loss_type == "grpo" else "token_mean"
+        loss, diag = grpo_loss_from_model(
+            model, input_ids, attention_mask, full_mask, inputs["advantages"],
+            old_logprobs=per_prediction(inputs.get("old_per_token_logps")),
+            ref_logprobs=per_prediction(inputs.get("ref_per_token_logps"))
+            if self.beta != 0.0 else None,
+            clip_eps=(self.epsilon_low, self.epsilon_high), kl_coef=self.beta,
+            kl_estimator="k3", temperature=self.temperature, loss_agg=loss_agg)
+        counted = mask.sum()
+        mode = "train" if self.model.training else "eval"
+        if self.loss_type == "grpo":
+            # TRL averages over every sequence, ours over those with a counted token.
+            loss = loss * (mask.sum(-1) > 0).sum() / mask.shape[0]
+        if self.loss_type == "dapo":
+            # TRL's: num_items_in_batch spans the generation batch; rescale to one window.
+            normalizer = (inputs["num_items_in_batch"].clamp(min=1.0)
+                          / self.accelerator.num_processes)
+            if mode == "train":
+                normalizer = (normalizer * self.current_gradient_accumulation_steps
+                              / self.args.steps_per_generation)
+            loss = loss * counted / normalizer
+        elif mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps
+        self._metrics[mode]["clip_ratio/region_mean"].append(
+            self.accelerator.gather(diag["clip_fraction"].detach()).nanmean().item())
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(
+                self.accelerator.gather(diag["mean_kl"].detach()).nanmean().item())
+        return loss

@@ -171,3 +171,64 @@ def test_packing_and_a_missing_teacher_are_refused(tmp_path):
                             processing_class=tokenizer(), ckd_kwargs=KNOBS)
     with pytest.raises(KeyError, match="teacher_ids"):
         trainer.train()
+
+
+@pytest.mark.parametrize(("loss_type", "beta", "iterations"),
+                         [("dapo", 0.1, 2), ("grpo", 0.0, 1), ("bnpo", 0.0, 1)])
+def test_fused_grpo_mixin_equals_trls_own_loss(tmp_path, loss_type, beta, iterations):
+    """A real GRPOTrainer run (generation, rewards, advantages): on every batch, the fused
+    loss and its gradient equal TRL's own unfused _compute_loss on the same inputs."""
+    from star_kernels.trl import FusedGRPOMixin
+
+    seen = []
+
+    class Fused(FusedGRPOMixin, trl.GRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            # The fused op's backward scales gradients it made in forward, in place: one
+            # backward per call, so the loss returned for training is a separate call.
+            ours = super()._compute_loss(model, inputs)
+            theirs = trl.GRPOTrainer._compute_loss(self, model, inputs)
+            w = model.lm_head.weight
+            g_ours, g_theirs = (torch.autograd.grad(x, w)[0] for x in (ours, theirs))
+            seen.append((ours.item(), theirs.item(), g_ours, g_theirs,
+                         "old_per_token_logps" in inputs))
+            return super()._compute_loss(model, inputs)
+
+    def reward(completions, **kwargs):
+        return [float(sum(map(ord, c)) % 5) for c in completions]
+
+    prompts = datasets.Dataset.from_list(
+        [{"prompt": " ".join(f"w{10 + i + j}" for j in range(3 + i % 2))} for i in range(8)])
+    args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-2,
+                          per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=5, loss_type=loss_type, beta=beta,
+                          num_iterations=iterations, use_bias_correction_kl=False,
+                          bf16=False, report_to=[],
+                          save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
+    tok = tokenizer()
+    tok.padding_side = "left"
+    # TRL loads the reference model (beta != 0) from the policy's path: save it first.
+    # Unsharpened logits: the two samples of a prompt differ, so advantages are not 0.
+    tiny("qwen3", sharpen=1.0).save_pretrained(tmp_path / "policy")
+    trainer = Fused(model=str(tmp_path / "policy"), reward_funcs=reward, args=args,
+                    train_dataset=prompts, processing_class=tok)
+    trainer.train()
+    assert len(seen) == 2
+    assert any(s[4] for s in seen) == (iterations > 1)   # old log-probs only when reused
+    for ours, theirs, g_ours, g_theirs, _ in seen:
+        assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-3, atol=1e-6)
+    assert all(s[2].abs().max() > 1e-4 for s in seen)      # a gradient that can differ
+
+
+def test_fused_grpo_mixin_refuses_what_it_does_not_compute(tmp_path):
+    from star_kernels.trl import FusedGRPOMixin, _check_grpo_settings
+
+    class Fake:
+        loss_type, top_entropy_quantile, off_policy_mask_threshold = "cispo", 1.0, None
+        beta, use_vllm = 0.0, False
+        args = trl.GRPOConfig(output_dir=str(tmp_path), importance_sampling_level="sequence",
+                              report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"loss_type='cispo'.*importance_sampling_level"):
+        _check_grpo_settings(Fake())
+    assert FusedGRPOMixin._compute_loss
