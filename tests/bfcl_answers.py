@@ -10,7 +10,6 @@ import json
 from star_train.eval.bfcl import Sample
 
 
-
 class _NoPassingOutput(Exception):
     """The possible answer cannot be met by any output under the checker's rules."""
 
@@ -102,3 +101,73 @@ def completion_for_calls(calls: list, reasoning: str = "") -> str:
                                      ensure_ascii=False) + "\n</tool_call>"
         for call in calls)
     return f"{reasoning}\n</think>\n\n{blocks}<|im_end|>"
+
+
+# ---------------------------------------------------------------- Java / JavaScript source text
+
+def _java_source(value, doc_type: str, item_type: str | None = None) -> str:
+    """``value`` written as the Java source text that BFCL's java_type_converter reads back."""
+    if isinstance(value, str):
+        return value  # some answers already hold source text, e.g. "new HashMap<>() {...}"
+    if doc_type == "boolean":
+        return "true" if value else "false"
+    if doc_type == "float":
+        return f"{value}f"
+    if doc_type == "long":
+        return f"{value}L"
+    if doc_type in ("byte", "short", "integer", "double"):
+        return str(value)
+    if doc_type == "Array":  # elements converted by their own type, no quotes
+        return f"new {item_type}[]{{{', '.join(_java_source(v, item_type) for v in value)}}}"
+    if doc_type == "ArrayList":  # String elements are quoted, the converter strips the quotes
+        def element(v):
+            return f'"{v}"' if item_type == "String" else _java_source(v, item_type)
+        return f"new ArrayList<>(Arrays.asList({', '.join(element(v) for v in value)}))"
+    if doc_type == "HashMap":
+        # A dict answer maps each key to its allowed values, as for Python dicts.
+        if all(isinstance(v, list) for v in value.values()):
+            value = _concrete_dict(value)
+        puts = " ".join(f'put("{k}", {json.dumps(v)});' for k, v in value.items())
+        return f"new HashMap<String, String>() {{{{ {puts} }}}}"
+    return str(value)  # String, char, any: the text itself
+
+
+def _js_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_js_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_js_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _js_source(value, doc_type: str) -> str:
+    """``value`` written as the JavaScript source text that BFCL's js_type_converter reads."""
+    if isinstance(value, str):
+        return value
+    if doc_type == "Bigint":
+        return f"{value}n"
+    if doc_type in ("array", "dict", "Boolean", "integer", "float"):
+        return _js_value(value)
+    return str(value)  # String, any: the text itself
+
+
+def source_text_calls(sample: Sample) -> list | None:
+    """``first_possible_answer`` with every value as Java/JavaScript source text."""
+    calls = first_possible_answer(sample)
+    if calls is None:
+        return None
+    docs = {doc["name"]: doc for doc in sample.functions}
+    for call in calls:
+        properties = docs[call["name"]]["parameters"]["properties"]
+        for param, value in call["arguments"].items():
+            spec = properties[param]
+            if sample.category == "java":
+                item_type = spec.get("items", {}).get("type")
+                call["arguments"][param] = _java_source(value, spec["type"], item_type)
+            else:
+                call["arguments"][param] = _js_source(value, spec["type"])
+    return calls

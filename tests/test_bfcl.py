@@ -54,8 +54,8 @@ def ground_truth_completion(sample):
 def test_categories_load_with_their_answers():
     expected_sizes = {"simple": 400, "multiple": 200, "parallel": 200, "parallel_multiple": 200,
                       "live_simple": 258, "live_multiple": 1053, "live_parallel": 16,
-                      "live_parallel_multiple": 24, "irrelevance": 240, "live_irrelevance": 882,
-                      "live_relevance": 18}
+                      "live_parallel_multiple": 24, "java": 100, "javascript": 50,
+                      "irrelevance": 240, "live_irrelevance": 882, "live_relevance": 18}
     assert set(expected_sizes) == set(bfcl.CATEGORIES)
     for category, size in expected_sizes.items():
         samples = bfcl.load_category(category)
@@ -63,7 +63,7 @@ def test_categories_load_with_their_answers():
         assert all(s.category == category and s.messages[-1]["role"] == "user" for s in samples)
         # Four live_irrelevance questions come without any function: the prompt has no tools.
         assert sum(not s.functions for s in samples) == (4 if category == "live_irrelevance" else 0)
-        has_answers = category in bfcl.AST_CATEGORIES
+        has_answers = category in bfcl.AST_CATEGORIES or category in bfcl.LANGUAGE_CATEGORIES
         assert all((s.possible_answer is not None) == has_answers for s in samples)
     assert [s.id for s in bfcl.load_category("simple", limit=3)] == ["simple_0", "simple_1", "simple_2"]
     # The one row whose answer id differs from its question id is paired by universal index.
@@ -373,4 +373,7 @@ def test_cli_eval_on_a_local_model_folder(tiny_qwen3, tmp_path, capsys):
     summary = json.loads(summary_path.read_text())
     assert {k: v["total"] for k, v in summary["categories"].items()} == {"simple": 2,
                                                                          "irrelevance": 2}
-    assert "overall (unweighted)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "BFCL v3 overall" in out and "not run (counted 0): " in out
+    assert summary["overall"]["missing"] == [c for c in summary["overall"]["sizes"]
+                                             if c not in ("simple", "irrelevance")]

@@ -13,26 +13,34 @@ standard-library code). The data files are read from the package's own ``data/``
 folder (the ``BFCL_DATA_DIR`` environment variable that BFCL honours is ignored, so a
 result always names the files it was computed from).
 
-Prompt. A question's messages are rendered with ``star_train.data.render_prompt`` with
-the question's BFCL function docs as the tools, then ``<think>\\n`` (the prompt STAR
-trains on). A BFCL doc is ``{"name", "description", "parameters": {"type": "dict",
-"properties", "required"}}`` with Python-flavoured type names ("dict", "float",
-"tuple", "any"). The docs keep those names, as upstream BFCL's Qwen function-calling
-handler (QwenFCHandler; nvidia-bfcl ships only the older prompting one) keeps them; the one change is the sentence " Note that the provided function is in
-Python 3 syntax." appended to each description, which BFCL adds for every model in the
-Python categories. The renderer wraps each doc into ``{"type": "function", "function":
-doc}`` (the OpenAI shape that Qwen3 users pass and our training prompts use; Qwen's
-BFCL handler prints the bare doc) and prints it as JSON inside ``<tools>`` in the
-system prompt. A few live_irrelevance questions have no functions: no tools section.
+Prompt. A question's messages are rendered in the chat format (``chat_format.QWEN3``:
+``star_train.chat.qwen3.render_prompt``) with the question's BFCL function docs as the
+tools, then ``<think>\\n`` (the prompt STAR trains on). A BFCL doc is ``{"name",
+"description", "parameters": {"type": "dict", "properties", "required"}}`` with
+Python-flavoured type names ("dict", "float", "tuple", "any"). The docs keep those
+names, as upstream BFCL's Qwen function-calling handler (QwenFCHandler; nvidia-bfcl
+ships only the older prompting one) keeps them; the one change is the sentence " Note
+that the provided function is in Python 3 syntax." appended to each description, which
+BFCL adds for every model in the Python categories. The renderer wraps each doc into
+``{"type": "function", "function": doc}`` (the OpenAI shape that Qwen3 users pass and
+our training prompts use; Qwen's BFCL handler prints the bare doc) and prints it as JSON
+inside ``<tools>`` in the system prompt. A few live_irrelevance questions have no
+functions: no tools section.
 
 Scoring follows BFCL's runner for each kind of category:
 
-* AST categories: the completion is parsed with ``reward.parse_response`` (after the
-  ``<think>\\n`` the prompt ends with); its calls become BFCL's decoded form
-  ``[{name: arguments}, ...]`` and go to BFCL's ``ast_checker`` with the category name
-  and language "Python". A malformed completion or a text reply is wrong. Unlike
-  BFCL's runner, a checker exception (some model outputs make it index into the
-  wrong type) marks the sample wrong instead of stopping the run.
+* AST categories: the completion is parsed by the chat format (Qwen3:
+  ``parse_response`` after the ``<think>\\n`` the prompt ends with); its calls become
+  BFCL's decoded form ``[{name: arguments}, ...]`` and go to BFCL's ``ast_checker`` with
+  the category name and language "Python", or "Java"/"JavaScript" for java and
+  javascript. For those two the docs are pre-processed as BFCL's
+  ``func_doc_language_specific_pre_processing`` does (mirrored: its module needs packages
+  that ``--no-deps`` leaves out): the Java 8 SDK / JavaScript hint instead of the Python
+  one, every parameter typed "string" with its real type in the description, since the
+  values are source text that the checker's type converters read. A malformed
+  completion or a text reply is wrong. Unlike BFCL's runner, a checker exception (some
+  model outputs make it index into the wrong type) marks the sample wrong instead of
+  stopping the run.
 * irrelevance, live_irrelevance: right when no call is produced (a text reply or a
   completion that does not parse, as BFCL counts a failed decode as "no call").
 * live_relevance: right when at least one well-formed call is produced.
@@ -41,8 +49,8 @@ Possible answers are paired with questions by BFCL's universal index (the id up 
 first "-"): BFCL's runner sorts both files by it and pairs them by position, and the
 full ids differ in one live_multiple row.
 
-Not covered: the Java and JavaScript categories (their values are Java/JS source text in
-strings), and the multi-turn, executable, REST, SQL and chatable categories.
+The multi-turn categories are in ``multi_turn.py``, the executable ones in
+``executable.py``; SQL and chatable are not on BFCL v3's leaderboard.
 """
 
 from __future__ import annotations
@@ -52,21 +60,27 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from ..chat.qwen3 import END_TOKENS, THINK_OPEN, parse_response, render_prompt
+from ..chat.qwen3 import END_TOKENS
+from .chat_format import QWEN3, ChatFormat
 
 AST_CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple",
                   "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+LANGUAGE_CATEGORIES = {"java": "Java", "javascript": "JavaScript"}  # AST, non-Python
 IRRELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance")
 RELEVANCE_CATEGORIES = ("live_relevance",)
-CATEGORIES = AST_CATEGORIES + IRRELEVANCE_CATEGORIES + RELEVANCE_CATEGORIES
+CATEGORIES = (AST_CATEGORIES + tuple(LANGUAGE_CATEGORIES) + IRRELEVANCE_CATEGORIES
+              + RELEVANCE_CATEGORIES)
 
 BFCL_DISTRIBUTION = "nvidia-bfcl"
 BFCL_VERSION_PREFIX = "BFCL_v3"
 PYTHON_HINT = " Note that the provided function is in Python 3 syntax."
+# BFCL's model_handler.utils._get_language_specific_hint for the other two languages.
+LANGUAGE_HINTS = {"java": " Note that the provided function is in Java 8 SDK syntax.",
+                  "javascript": " Note that the provided function is in JavaScript syntax."}
 # Any name works except those BFCL lists in UNDERSCORE_TO_DOT: for those its checker
 # rewrites "." to "_" in function names (models whose APIs forbid dots).
 CHECKER_MODEL_NAME = "star-train"
@@ -116,7 +130,8 @@ def _data_dir() -> Path:
 def _category_files(category) -> tuple[Path, Path | None]:
     file_name = _bfcl_constant().TEST_FILE_MAPPING[category]
     answers = _data_dir() / "possible_answer" / file_name
-    return _data_dir() / file_name, (answers if category in AST_CATEGORIES else None)
+    has_answers = category in AST_CATEGORIES or category in LANGUAGE_CATEGORIES
+    return _data_dir() / file_name, (answers if has_answers else None)
 
 
 def _sha256(path: Path) -> str:
@@ -149,16 +164,18 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_category_cached(category) -> tuple:
     questions_path, answers_path = _category_files(category)
     answers = {}
     if answers_path is not None:
-        answers = {_universal_index(row["id"]): row["ground_truth"] for row in _read_jsonl(answers_path)}
+        answers = {_universal_index(row["id"]): row["ground_truth"]
+                   for row in _read_jsonl(answers_path)}
     samples = []
     for row in _read_jsonl(questions_path):
         if len(row["question"]) != 1:
-            raise ValueError(f"{row['id']}: {len(row['question'])} turns; only single-turn data is supported")
+            raise ValueError(f"{row['id']}: {len(row['question'])} turns; only single-turn "
+                             "data is supported")
         answer = None
         if answers_path is not None:
             answer = answers.get(_universal_index(row["id"]))
@@ -182,17 +199,49 @@ def load_category(category: str, limit: int | None = None) -> list[Sample]:
 
 # ---------------------------------------------------------------- prompts
 
-def prompt_tools(functions: list) -> list:
-    """The tools the model sees: BFCL's docs with the Python hint appended to each description."""
+def _language_typed_parameters(properties: dict, category: str):
+    # BFCL's func_doc_language_specific_pre_processing: Java/JavaScript values are source
+    # text, so every parameter becomes a string and its real type moves into the description.
+    language = LANGUAGE_CATEGORIES[category]
+    for value in properties.values():
+        if value["type"] == "any":
+            value["description"] += (f" This parameter can be of any type of {language} object"
+                                     " in string representation.")
+        else:
+            value["description"] += (f" This is {language} {value['type']} type parameter in"
+                                     " string representation.")
+        list_type = ("ArrayList", "Array") if category == "java" else ("array",)
+        if value["type"] in list_type:
+            value["description"] += (f" The list elements are of type {value['items']['type']};"
+                                     " they are not in string representation.")
+            del value["items"]
+        if category == "javascript" and value["type"] == "dict" and "properties" in value:
+            value["description"] += (" The dictionary entries have the following schema; they"
+                                     " are not in string representation. "
+                                     + json.dumps(value["properties"]))
+            del value["properties"]
+        value["type"] = "string"
+
+
+def prompt_tools(functions: list, category: str | None = None) -> list:
+    """The tools the model sees: BFCL's docs as its handlers pre-process them.
+
+    The language hint goes at the end of each description (Python unless ``category`` is
+    java or javascript, whose parameters are also turned into strings as BFCL does).
+    """
     tools = copy.deepcopy(functions)  # samples are shared; never edit their docs
     for tool in tools:
-        tool["description"] = tool.get("description", "") + PYTHON_HINT
+        tool["description"] = tool.get("description", "") + LANGUAGE_HINTS.get(category,
+                                                                                PYTHON_HINT)
+        if category in LANGUAGE_CATEGORIES:
+            _language_typed_parameters(tool["parameters"]["properties"], category)
     return tools
 
 
-def build_prompt(sample: Sample) -> str:
-    """Qwen3 chat rendering of the question with tools, generation prompt and ``<think>\\n``."""
-    return render_prompt(sample.messages, prompt_tools(sample.functions)) + THINK_OPEN
+def build_prompt(sample: Sample, chat_format: ChatFormat = QWEN3) -> str:
+    """The question with its tools in ``chat_format`` (Qwen3: ends with ``<think>\\n``)."""
+    return chat_format.build_prompt(sample.messages, prompt_tools(sample.functions,
+                                                                  sample.category))
 
 
 # ---------------------------------------------------------------- scoring
@@ -204,26 +253,28 @@ def to_bfcl_calls(calls: list) -> list:
 
 def _checker_verdict(sample: Sample, calls: list) -> tuple[bool, str | None]:
     try:
+        language = LANGUAGE_CATEGORIES.get(sample.category, "Python")
         verdict = _ast_checker()(sample.functions, to_bfcl_calls(calls), sample.possible_answer,
-                                 "Python", sample.category, CHECKER_MODEL_NAME)
-    except Exception as error:  # some outputs crash BFCL's checker; they are wrong answers
+                                 language, sample.category, CHECKER_MODEL_NAME)
+    except Exception as error:  # noqa: BLE001 - some outputs crash BFCL's checker: wrong answers
         return False, f"checker raised {type(error).__name__}: {error}"
     if verdict["valid"]:
         return True, None
     return False, f"{verdict.get('error_type', 'invalid')}: {verdict.get('error')}"
 
 
-def score_completion(sample: Sample, completion: str) -> dict:
-    """Score one completion (the text generated after the prompt's ``<think>\\n``).
+def score_completion(sample: Sample, completion: str, chat_format: ChatFormat = QWEN3) -> dict:
+    """Score one completion (the text generated after the prompt).
 
     Returns ``{"id", "category", "correct", "calls", "error", "completion"}``: ``calls``
     is what was parsed (``[{"name", "arguments"}]``, [] for a text reply, None when the
     completion does not parse), ``error`` why it is wrong (None when right).
     """
     if not isinstance(completion, str):
-        raise ValueError(f"completion for {sample.id} must be a str, got {type(completion).__name__}")
-    parsed = parse_response(THINK_OPEN + completion)
-    calls = None if parsed.error is not None else (parsed.tool_calls or [])
+        raise ValueError(  # noqa: TRY004 - bad arguments are ValueErrors throughout
+            f"completion for {sample.id} must be a str, got {type(completion).__name__}")
+    parsed = chat_format.parse_completion(completion)
+    calls = parsed.calls
     if sample.category in IRRELEVANCE_CATEGORIES:
         correct = not calls
         error = None if correct else "made a function call where none is relevant"
@@ -250,7 +301,11 @@ def hf_generate_fn(model, tokenizer, *, max_new_tokens: int, batch_size: int) ->
     """
     import torch
 
+    # A tokenizer lacking an end token maps it to None or to its unknown token: skip those.
     end_ids = [tokenizer.convert_tokens_to_ids(token) for token in END_TOKENS]
+    end_ids = [i for token, i in zip(END_TOKENS, end_ids)
+               if i is not None and tokenizer.convert_ids_to_tokens(i) == token]
+    end_ids = end_ids or [tokenizer.eos_token_id]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[-1]
     device = next(model.parameters()).device
 
@@ -326,7 +381,8 @@ def _checked_positive(name: str, value):
 def _completions(generate_fn: GenerateFn, prompts: list) -> list:
     completions = list(generate_fn(prompts))
     if len(completions) != len(prompts):
-        raise ValueError(f"generate_fn: returned {len(completions)} completions for {len(prompts)} prompts")
+        raise ValueError(f"generate_fn: returned {len(completions)} completions for "
+                         f"{len(prompts)} prompts")
     return completions
 
 
@@ -362,7 +418,7 @@ def evaluate(model=None, tokenizer=None, categories=CATEGORIES, limit: int | Non
     results_file = None
     if results_path is not None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        results_file = open(results_path, "w", encoding="utf-8")
+        results_file = open(results_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
     per_category = {}
     try:
         for category in categories:
@@ -374,7 +430,8 @@ def evaluate(model=None, tokenizer=None, categories=CATEGORIES, limit: int | Non
             per_category[category] = {"accuracy": correct / len(scored), "correct": correct,
                                       "total": len(scored)}
             if results_file is not None:
-                results_file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
+                results_file.writelines(json.dumps(row, ensure_ascii=False) + "\n"
+                                        for row in scored)
                 results_file.flush()  # a long run leaves the finished categories on disk
     finally:
         if results_file is not None:

@@ -8,8 +8,8 @@ imports third-party packages that ``--no-deps`` does not install, so the convers
 mirrored here, with one safety change: BFCL pastes the model's function and argument names
 into the string as they come, so a name such as ``f(x=__import__('os')...)`` would run
 arbitrary code. Here a call whose name or argument names are not plain identifiers becomes
-``'<name>'()``, a call of a string literal, which evaluates to a TypeError: the same
-outcome (an execution error) without running anything the model wrote. Values are
+``str('<name>')()``, a call of a string, which evaluates to a TypeError: the same outcome
+(an execution error) without running anything the model wrote. Values are
 ``repr``s of JSON values, which are always literals.
 """
 
@@ -26,7 +26,7 @@ def to_execution_string(call: dict) -> str:
     """``{"name", "arguments"}`` -> ``'name(k=v,...)'`` as BFCL's convert_to_function_call."""
     name, arguments = call["name"], call["arguments"]
     if not _is_name(name) or not all(_is_name(key) for key in arguments):
-        return f"{str(name)!r}()"
+        return f"str({str(name)!r})()"
     return f"{name}({','.join(f'{key}={value!r}' for key, value in arguments.items())})"
 
 

@@ -1,9 +1,11 @@
 """The chat format the evaluator speaks: one function builds a prompt, one reads a completion.
 
 Everything format-specific in ``star_train.eval`` goes through a ``ChatFormat``, so another
-format (issue 14) is one more instance here. ``QWEN3`` is the only one today: the Qwen3
-chat template's text with the tools in the system prompt, generation starting inside the
-think block (the prompt STAR trains on), calls read back from ``<tool_call>`` blocks.
+format (issue 14) is one more instance here. ``QWEN3``: the Qwen3 chat template's text
+with the tools in the system prompt, generation starting inside the think block (the
+prompt STAR trains on), calls read back from ``<tool_call>`` blocks. ``QWEN3_NO_THINK``:
+the same with Qwen3's ``enable_thinking=False`` prompt (an empty think block already
+closed), for models that do not think.
 
 The format is text only: which tokenizer encodes that text is the generate function's
 business (a SmolLM2 run encodes the Qwen3 layout with SmolLM2's own tokenizer).
@@ -59,5 +61,22 @@ def _qwen3_parse(completion: str) -> ParsedTurn:
     return ParsedTurn(parsed.tool_calls or [], None, message)
 
 
+# Qwen3's enable_thinking=False rendering: the prompt ends with an empty think block, so a
+# model that was never taught to think (or to close </think>) answers directly.
+_EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def _qwen3_no_think_prompt(messages: list, tools: list) -> str:
+    return render_prompt(messages, tools or None, enable_thinking=False)
+
+
+def _qwen3_no_think_parse(completion: str) -> ParsedTurn:
+    if not isinstance(completion, str):
+        raise TypeError(f"completion: expected a str, got {type(completion).__name__}")
+    # The empty think block is part of the prompt; parse as if the model had written it.
+    return _qwen3_parse(_EMPTY_THINK.removeprefix(THINK_OPEN) + completion)
+
+
 QWEN3 = ChatFormat("qwen3", _qwen3_prompt, _qwen3_parse)
-FORMATS = {QWEN3.name: QWEN3}
+QWEN3_NO_THINK = ChatFormat("qwen3-no-think", _qwen3_no_think_prompt, _qwen3_no_think_parse)
+FORMATS = {chat_format.name: chat_format for chat_format in (QWEN3, QWEN3_NO_THINK)}
