@@ -140,6 +140,14 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor,
     return min(dtypes, key=lambda d: torch.finfo(d).bits)
 
 
+def host_sync_forbidden(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host must be avoided right now: while a
+    CUDA graph is captured (it would fail) or ``torch.compile`` traces (a graph break)."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def no_autocast(device: torch.device):
     """Autocast off for the op's own GEMMs: they run in the dtype chosen up front,
     writing into buffers of that dtype (autocast would recast them)."""

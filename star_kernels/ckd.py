@@ -26,7 +26,7 @@ class _CKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, labels,
+    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, labels, row_weight,
                 opts: CKDOptions):
         run, needs = opts.run, ctx.needs_input_grad
         ctx.opts = opts
@@ -40,15 +40,23 @@ class _CKDFunction(torch.autograd.Function):
             rows = (teacher_ids, teacher_logprobs, labels)
             out_dtype = torch.promote_types(h.dtype, torch.float32)
             with_grad = opts.reduction != "none" and any(needs[:3])
-            per_row = 1.0 / max(n, 1) if opts.reduction == "mean" else 1.0
-            scale = h.new_full((n,), per_row, dtype=out_dtype) if with_grad else None
+            if row_weight is None:  # every row counts
+                per_row = 1.0 / max(n, 1) if opts.reduction == "mean" else 1.0
+                scale = h.new_full((n,), per_row, dtype=out_dtype) if with_grad else None
+            else:  # masked rows are computed but weigh 0; the count stays on the device
+                row_weight = row_weight.to(out_dtype)
+                per_row = (1.0 / row_weight.sum().clamp_min(1)
+                           if opts.reduction == "mean" else 1.0)
+                scale = row_weight * per_row if with_grad else None
             (losses,), gh, gw, gb = run_chunks(
                 h, w, b, row_op, rows, scale, chunk,
                 need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
+        if row_weight is not None:
+            losses = losses * row_weight
         if opts.reduction == "none":
             # Per-token upstream gradients are only known in backward: recompute there.
             ctx.row_op, ctx.chunk = row_op, chunk
-            ctx.save_for_backward(h, w, b, *rows)
+            ctx.save_for_backward(h, w, b, row_weight, *rows)
             return losses.to(out_dtype)
         ctx.save_for_backward(gh, gw, gb)
         return (losses.sum() * per_row).to(out_dtype)
@@ -58,7 +66,9 @@ class _CKDFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with _backends.no_autocast(grad_out.device):
             if ctx.opts.reduction == "none":
-                h, w, b, *rows = ctx.saved_tensors
+                h, w, b, row_weight, *rows = ctx.saved_tensors
+                if row_weight is not None:
+                    grad_out = grad_out * row_weight
                 _, gh, gw, gb = run_chunks(
                     h, w, b, ctx.row_op, rows, grad_out, ctx.chunk,
                     need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
@@ -67,7 +77,7 @@ class _CKDFunction(torch.autograd.Function):
                 (gh, gw, gb), scale = ctx.saved_tensors, grad_out
             grads = [finish_grad(g, dtype, scale) if need else None
                      for g, dtype, need in zip((gh, gw, gb), ctx.dtypes, needs)]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _check_ckd_args(hidden, weight, teacher_ids, teacher_logprobs, mask, bias,
@@ -138,8 +148,11 @@ def fused_linear_ckd_loss(
             the teacher's full vocabulary (not logits: values above 0 or more
             than 1% excess probability mass per token are rejected).
         mask: per-token bool, ``True`` where the token counts. Selecting the
-            valid rows costs one host synchronisation (their count); pass only
-            the valid rows and ``mask=None`` for a call without any.
+            valid rows costs one host synchronisation (their count), which
+            skipping the others' GEMMs repays; pass only the valid rows and
+            ``mask=None`` for a call without any. Where a synchronisation is not
+            allowed (CUDA graph capture, ``torch.compile`` tracing) masked rows
+            are computed and weighted 0 instead.
         reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"``
             (per-token losses in the token shape, 0 where masked).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpp"``.
@@ -170,13 +183,16 @@ def fused_linear_ckd_loss(
     ids = teacher_ids.reshape(-1, k)
     lps = teacher_logprobs.reshape(-1, k)
     lab = None if labels is None or cfg.kd_ratio == 1.0 else labels.reshape(-1)
-    rows = None
+    rows = row_weight = None
     if mask is not None:
         keep = mask.reshape(-1) != 0
-        rows = keep.nonzero().squeeze(1)  # the mask's one host synchronisation
-        h, ids, lps = h[rows], ids[rows], lps[rows]
-        lab = None if lab is None else lab[rows]
-    out = _CKDFunction.apply(h, weight, bias, ids, lps, lab, opts)
+        if _backends.host_sync_forbidden(hidden.device):
+            row_weight = keep  # no row selection: masked rows run too, weighted 0
+        else:
+            rows = keep.nonzero().squeeze(1)  # the mask's one host synchronisation
+            h, ids, lps = h[rows], ids[rows], lps[rows]
+            lab = None if lab is None else lab[rows]
+    out = _CKDFunction.apply(h, weight, bias, ids, lps, lab, row_weight, opts)
     if reduction != "none":
         return out
     if rows is not None:

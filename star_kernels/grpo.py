@@ -136,7 +136,9 @@ class _GRPOFunction(torch.autograd.Function):
                 return (logp,), None
 
             def upstream(logp):
-                return weight_c * terms(logp.to(adv_c.dtype), adv_c, old_c, ref_c)[1]
+                d = terms(logp.to(adv_c.dtype), adv_c, old_c, ref_c)[1]
+                # where, not a product: a 0-weight (masked) row's term may overflow
+                return torch.where(weight_c > 0, weight_c * d, 0.0)
 
             if run.backend == "torch":  # its row op calls ``upstream`` between the passes
                 logp, _, dlogits = logprob_rows(logits, ids_c, temperature, False, upstream)
@@ -154,7 +156,8 @@ class _GRPOFunction(torch.autograd.Function):
                 token_weight if with_grad else None, chunk,
                 need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
         logp = logp.to(adv.dtype)
-        loss = (token_weight * terms(logp, adv, old, ref)[0]).sum()
+        per_token = terms(logp, adv, old, ref)[0]
+        loss = torch.where(token_weight > 0, token_weight * per_token, 0.0).sum()
         ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(logp)
         return loss, logp
@@ -201,7 +204,9 @@ def fused_linear_grpo_loss(
         advantages: ``[B]`` per sequence (broadcast over tokens) or per token
             ``[B, T]``; must be finite.
         mask: ``[B, T]``, true for the completion tokens that count. Selecting
-            them costs one host synchronisation (their count).
+            them costs one host synchronisation (their count); where one is not
+            allowed (CUDA graph capture, ``torch.compile`` tracing) masked rows
+            are computed and weighted 0 instead.
         old_logprobs: behaviour-policy log-probs ``[B, T]``; ``None`` means
             on-policy (``ratio = exp(logp - logp.detach())``, value 1, gradient
             of ``logp``).
@@ -239,49 +244,58 @@ def fused_linear_grpo_loss(
     n_seq, seq_len = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 \
         else (1, hidden.shape[0])
     ctype = torch.promote_types(run.compute_dtype, torch.float32)
-
-    rows = (mask.reshape(-1) != 0).nonzero().squeeze(1)  # the mask's one host synchronisation
-    count = rows.numel()
-    h = hidden.reshape(-1, hidden.shape[-1])[rows]
-
-    def pick(t):
-        return None if t is None else t.reshape(-1)[rows].to(ctype)
-
-    if hidden.dim() == 3 and advantages.dim() == 1:
-        adv = advantages.to(ctype)[rows // seq_len]
+    flat_keep = mask.reshape(-1) != 0
+    h = hidden.reshape(-1, hidden.shape[-1])
+    ids = token_ids.reshape(-1)
+    if _backends.host_sync_forbidden(hidden.device):
+        # No row selection: every row runs, masked ones weighted 0 (and their inputs
+        # zeroed, so garbage there stays out of the arithmetic).
+        rows, keep = torch.arange(ids.numel(), device=ids.device), flat_keep
+        count = flat_keep.sum().clamp_min(1)
+        ids = torch.where(keep, ids, 0)
     else:
-        adv = pick(advantages)
-    old, ref = pick(old_logprobs), pick(ref_logprobs)
+        rows = flat_keep.nonzero().squeeze(1)  # the mask's one host synchronisation
+        keep, count = None, max(rows.numel(), 1)
+        h, ids = h[rows], ids[rows]
+
+    def pick(t, index=rows):
+        t = t.to(ctype)[index]
+        return t if keep is None else torch.where(keep, t, 0.0)
+
+    per_sequence = hidden.dim() == 3 and advantages.dim() == 1
+    adv = pick(advantages, rows // seq_len) if per_sequence else pick(advantages.reshape(-1))
+    old, ref = (None if t is None else pick(t.reshape(-1)) for t in (old_logprobs, ref_logprobs))
+    kept = torch.ones_like(adv) if keep is None else keep.to(ctype)
     if loss_agg == "token_mean":
-        token_weight = torch.full_like(adv, 1.0 / max(count, 1))
+        token_weight = kept / count
     elif loss_agg == "dr_grpo":
-        token_weight = torch.full_like(adv, 1.0 / max(n_seq * seq_len, 1))
+        token_weight = kept / max(n_seq * seq_len, 1)
     else:  # each present sequence's masked mean, averaged over present sequences
         seq = rows // seq_len
-        lengths = torch.bincount(seq, minlength=n_seq)
+        lengths = torch.zeros(n_seq, dtype=ctype, device=adv.device).index_add_(0, seq, kept)
         present = (lengths > 0).sum().clamp_min(1)  # a tensor: no host synchronisation
-        token_weight = 1.0 / (lengths[seq].to(ctype) * present)
+        token_weight = kept / (lengths[seq].clamp_min(1) * present)
 
     terms = functools.partial(token_terms, low=low, high=high, kl_coef=kl_coef,
                               estimator=kl_estimator)
     opts = GRPOOptions(run, float(temperature), terms)
-    loss, logp = _GRPOFunction.apply(h, weight, bias, token_ids.reshape(-1)[rows], adv, old,
-                                     ref, token_weight, opts)
+    loss, logp = _GRPOFunction.apply(h, weight, bias, ids, adv, old, ref, token_weight, opts)
     _, _, ratio, clip_active, kl = terms(logp, adv, old, ref)
 
     def token_mean(x):
-        return x.to(ctype).sum() / max(count, 1)
+        x = x.to(ctype)
+        return (x if keep is None else torch.where(keep, x, 0.0)).sum() / count
 
+    logp = logp.to(ctype) if keep is None else torch.where(keep, logp.to(ctype), 0.0)
     diagnostics = {
         "clip_fraction": token_mean(clip_active),
         "mean_kl": torch.zeros((), dtype=ctype, device=hidden.device) if kl is None
         else token_mean(kl),
         "mean_ratio": token_mean(ratio),
         "logprobs": torch.zeros(token_ids.numel(), dtype=ctype, device=hidden.device)
-        .index_copy_(0, rows, logp.to(ctype)).view(token_ids.shape),
+        .index_copy_(0, rows, logp).view(token_ids.shape),
     }
     return loss.to(ctype), diagnostics
-
 
 class FusedLinearGRPOLoss(torch.nn.Module):
     """Module form of :func:`fused_linear_grpo_loss`; the knobs are fixed at construction."""

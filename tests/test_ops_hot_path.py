@@ -174,3 +174,66 @@ def test_finish_grad_scales_and_casts_in_one_pass():
     same = g.clone()
     assert _chunked.finish_grad(same, torch.float32, torch.tensor(2.0)) is same  # in place
     assert _chunked.finish_grad(None, torch.float32, torch.tensor(2.0)) is None
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ckd_mask_without_row_selection_where_syncs_are_forbidden(backend, reduction,
+                                                                   monkeypatch):
+    """Under CUDA graph capture / torch.compile tracing masked rows run weighted 0."""
+    monkeypatch.setattr(sk._backends, "host_sync_forbidden", lambda device: True)
+    p = make_problem(24, 8, 67, 4, bias=True, batch=3)
+    h, w = (p[k].clone().requires_grad_() for k in ("hidden", "weight"))
+    knobs = dict(mask=p["mask"], student_topm=5, reduction=reduction, kd_ratio=0.6,
+                 labels=p["labels"])
+    with count_syncs(monkeypatch) as counts:
+        out = sk.fused_linear_ckd_loss(h, w, p["ids"], p["logprobs"], backend=backend,
+                                       validate="shapes", **knobs)
+        up = torch.linspace(0.5, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+        got = torch.autograd.grad(out, (h, w), up)
+    assert counts == {}
+    hr, wr = (p[k].clone().requires_grad_() for k in ("hidden", "weight"))
+    exp = reference.fused_linear_ckd_loss(hr, wr, p["ids"], p["logprobs"], **knobs)
+    want = torch.autograd.grad(exp, (hr, wr), up)
+    tol = 1e-9 if backend != "triton" else 1e-5
+    torch.testing.assert_close(out, exp, rtol=tol, atol=tol)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "dr_grpo"])
+def test_grpo_mask_without_row_selection_where_syncs_are_forbidden(backend, agg, monkeypatch):
+    p = make_problem(28, 8, 67, 3, bias=True, batch=4)
+    g = torch.Generator().manual_seed(2)
+    mask = p["mask"].clone()
+    mask[2] = False                                       # an empty sequence
+    adv = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    adv[~mask] = float("nan")                             # ignored where masked out
+    ids = torch.where(mask, p["labels"].clamp_min(0), -100)
+    # Far from the policy where masked out: k3's exp(ref - logp) would overflow there.
+    ref = torch.where(mask, -3 + torch.randn(4, 7, generator=g, dtype=torch.float64), 1e4)
+    args = dict(token_ids=ids, advantages=adv, mask=mask, ref_logprobs=ref,
+                old_logprobs=-3 + torch.randn(4, 7, generator=g, dtype=torch.float64),
+                kl_coef=0.2, kl_estimator="k3", loss_agg=agg)
+    hr = p["hidden"].clone().requires_grad_()
+    args_ref = {**args, "advantages": torch.where(mask, adv, 0.0),
+                "ref_logprobs": torch.where(mask, ref, 0.0)}
+    exp, exp_diag = reference.fused_linear_grpo_loss(hr, p["weight"], bias=p["bias"], **args_ref)
+    (want,) = torch.autograd.grad(exp, hr)
+    for forbidden in (False, True):
+        monkeypatch.setattr(sk._backends, "host_sync_forbidden", lambda device: forbidden)
+        h = p["hidden"].clone().requires_grad_()
+        with count_syncs(monkeypatch) as counts:
+            loss, diag = sk.fused_linear_grpo_loss(h, p["weight"], bias=p["bias"],
+                                                   backend=backend, validate="shapes", **args)
+            (got,) = torch.autograd.grad(loss, h)
+        assert counts == ({} if forbidden else {"nonzero": 1})
+        tol = 1e-9 if backend != "triton" else 1e-5
+        torch.testing.assert_close(loss, exp, rtol=tol, atol=tol)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        for key, value in exp_diag.items():
+            torch.testing.assert_close(diag[key], value, rtol=tol, atol=tol, msg=key)
