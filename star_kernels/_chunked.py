@@ -54,6 +54,8 @@ _FP32_OUT_ADDMM: dict = {}
 def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
     key = (str(device), dtype)
     if key not in _FP32_OUT_ADDMM:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # the probe reads a value back: not while a graph is captured
         try:
             a = torch.ones(2, 3, dtype=dtype, device=device)
             acc = torch.ones(2, 2, dtype=torch.float32, device=device)
