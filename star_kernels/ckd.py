@@ -18,7 +18,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class _CKDFunction(torch.autograd.Function):
-    """Rows are already the valid tokens only; returns the reduced loss or per-row losses.
+    """Returns the reduced loss or per-row losses of the given rows: the valid tokens
+    only, or all tokens with ``row_weight`` (0 for masked ones) where selecting rows
+    would need a host sync.
 
     ``hidden``, ``weight`` and ``bias`` come in their own dtypes and are cast to the
     compute dtype here, out of autograd's sight, so their gradients (accumulated in
@@ -52,7 +54,7 @@ class _CKDFunction(torch.autograd.Function):
                 h, w, b, row_op, rows, scale, chunk,
                 need_grad_hidden=needs[0], need_grad_weight=needs[1] or needs[2])
         if row_weight is not None:
-            losses = losses * row_weight
+            losses = torch.where(row_weight > 0, losses * row_weight, 0.0)
         if opts.reduction == "none":
             # Per-token upstream gradients are only known in backward: recompute there.
             ctx.row_op, ctx.chunk = row_op, chunk
