@@ -199,3 +199,16 @@ def test_report_states_the_overall_and_what_it_leaves_out(tmp_path):
 def test_bad_categories_are_named(categories):
     with pytest.raises(ValueError, match="categories"):
         runner.checked_categories(categories)
+
+
+def test_the_no_think_format_prompts_past_an_empty_think_block():
+    from star_train.eval.chat_format import QWEN3_NO_THINK
+
+    sample = bfcl.load_category("simple", 1)[0]
+    prompt = bfcl.build_prompt(sample, QWEN3_NO_THINK)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    answer = completion_for_calls([{"name": sample.functions[0]["name"],
+                                    "arguments": {"base": 10, "height": 5}}])
+    answer = answer.split("</think>\n\n", 1)[1]  # what a non-thinking model writes
+    assert bfcl.score_completion(sample, answer, QWEN3_NO_THINK)["correct"]
+    assert not bfcl.score_completion(sample, answer)["correct"]  # no think block closed

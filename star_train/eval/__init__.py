@@ -1,1 +1,9 @@
-"""Evaluation: BFCL v3 offline (``bfcl``) and the ``star-train eval`` command (``command``)."""
+"""Evaluation: BFCL v3 offline.
+
+``bfcl`` (single-turn AST, Java/JavaScript, (ir)relevance; Hugging Face generation),
+``multi_turn`` (dialogues against BFCL's simulated environments), ``executable``
+(exec categories where their functions run offline), ``overall`` (the leaderboard's
+formula), ``runner`` (every category, resumable via ``results``), ``chat_format`` (the
+prompt builder and completion parser), ``calls`` (calls as BFCL's call strings) and the
+``star-train eval`` command (``command``).
+"""
