@@ -1,15 +1,37 @@
-"""Command line: ``star-train demo``, ``star-train ckd --config run.toml`` and
-``star-train simrl --config run.toml``."""
+"""The star-train command line.
+
+star-train demo                          the CKD stage on packaged data, tiny models
+star-train rollouts --config run.toml    teacher rollouts -> CKD training records
+star-train ckd --config run.toml         STAR stage 1: teacher top-k cache + CKD
+star-train simrl --config run.toml       STAR stage 2: GRPO with the similarity reward
+star-train eval --model DIR              BFCL v3, offline
+star-train report RUN_DIR                plots and a summary of a training run
+star-train config NAME --out FILE        write a shipped preset out for editing
+
+--config takes a TOML file or the name of a shipped preset (star-train config lists them).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import sys
+
+# command: (help, module under star_train.stages, config class, runner); imported when chosen
+STAGES = {
+    "rollouts": ("teacher rollouts: sample, score and keep the teacher's answers as CKD "
+                 "training records", "rollouts", "RolloutRunConfig", "run_rollouts"),
+    "ckd": ("STAR stage 1: teacher top-k cache + CKD training (resumes from the newest "
+            "checkpoint in train.out_dir)", "ckd", "CKDRunConfig", "run_ckd"),
+    "simrl": ("STAR stage 2: GRPO with the similarity reward (resumes from the newest "
+              "checkpoint in train.out_dir)", "simrl", "SimRLRunConfig", "run_simrl"),
+}
 
 
 def _override(text: str) -> tuple[str, object]:
     """``section.key=value``; the value is read as JSON when it parses (numbers, booleans,
-    lists), else kept as a string."""
+    lists), else kept as a string (a wrong type is then reported by the config check)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--set expects section.key=value, got {text!r}")
@@ -19,8 +41,11 @@ def _override(text: str) -> tuple[str, object]:
         return key, raw
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="star-train", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    from .eval import command as eval_command
+
+    parser = argparse.ArgumentParser(prog="star-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the CKD stage on packaged sample data with tiny "
                                        "models built from configs (no downloads)")
@@ -28,76 +53,90 @@ def main(argv=None) -> int:
                       "(default: two epochs over the sample)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="run folder (default: a new temporary one)")
-    stages = {  # command: (help, config loader, runner), imported when chosen
-        "rollouts": ("teacher rollouts: sample, score and keep the teacher's answers as CKD "
-                     "training records", "load_rollout_config", "rollouts:run_rollouts"),
-        "ckd": ("STAR stage 1: teacher top-k cache + CKD training (resumes from the newest "
-                "checkpoint in train.out_dir)", "load_config", "ckd:run_ckd"),
-        "simrl": ("STAR stage 2: GRPO with the similarity reward (resumes from the newest "
-                  "checkpoint in train.out_dir)", "load_simrl_config", "simrl:run_simrl"),
-    }
-    for name, (help_text, _, _) in stages.items():
+    demo.add_argument("--keep-models", action="store_true", help="keep the teacher, student, "
+                      "checkpoints and teacher cache (about 650 MB) instead of deleting them")
+    for name, (help_text, *_) in STAGES.items():
         stage = sub.add_parser(name, help=help_text)
-        stage.add_argument("--config", required=True, help="TOML config (see configs/)")
+        stage.add_argument("--config", required=True, help="a TOML file, or a preset's name "
+                           "(star-train config lists them)")
         stage.add_argument("--set", dest="overrides", type=_override, action="append",
                            default=[], metavar="SECTION.KEY=VALUE",
                            help="override a config value (repeatable)")
-    ev = sub.add_parser("eval", help="BFCL v3 single-turn evaluation of a local model "
-                                     "(data and AST checker from nvidia-bfcl, offline)")
-    ev.add_argument("--model", required=True, help="local Hugging Face model folder")
-    ev.add_argument("--categories", default=None,
-                    help="comma-separated BFCL categories (default: all supported)")
-    ev.add_argument("--limit", type=int, default=None, help="first N samples per category")
-    ev.add_argument("--max-new-tokens", type=int, default=2048)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ev.add_argument("--results", default=None, help="write per-sample results (jsonl) here")
-    ev.add_argument("--out", default=None, help="write the summary (json) here")
-    args = parser.parse_args(argv)
-    # Per-file "Loading weights" bars would drown the stages' own progress lines.
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    if args.command == "demo":
-        from .demo import run
+    eval_command.add_arguments(sub.add_parser(
+        "eval", help="BFCL v3 evaluation of a local model (data and checkers from "
+                     "nvidia-bfcl, offline)"))
+    report = sub.add_parser("report", help="plots (PNG) and a markdown summary of a "
+                                           "training run, from its train_log.jsonl")
+    report.add_argument("run_dir", help="the run's folder (its train.out_dir)")
+    config = sub.add_parser("config", help="list the shipped presets, or write one out for "
+                                           "editing")
+    config.add_argument("name", nargs="?", help="preset to print or write")
+    config.add_argument("--out", default=None, help="write it to this file (default: print)")
+    return parser
 
-        result = run(out_dir=args.out, steps=args.steps, seed=args.seed)
-        return 0 if result["kl_after"] < result["kl_before"] else 1
-    if args.command in stages:
-        import importlib
 
-        from . import config
+def _preset(args) -> int:
+    from .runtime.config import preset_names, preset_path
 
-        _, loader, target = stages[args.command]
-        module, runner = target.split(":")
-        run = getattr(importlib.import_module(f".{module}", __package__), runner)
-        run(getattr(config, loader)(args.config, dict(args.overrides)))
+    if args.name is None:
+        print("\n".join(preset_names()))
         return 0
-    if args.command == "eval":
-        return _evaluate(args)
-    return 2
-
-
-def _evaluate(args) -> int:
+    text = preset_path(args.name).read_text()
+    if args.out is None:
+        print(text, end="")
+        return 0
     from pathlib import Path
 
-    from . import bfcl
-    from .config import ModelSpec
-    from .models import DTYPES, load_model, resolve_device
-    from .tokenizer import qwen3_tokenizer
-
-    categories = args.categories.split(",") if args.categories else bfcl.CATEGORIES
-    model = load_model(ModelSpec(path=args.model), DTYPES[args.dtype],
-                       resolve_device(args.device))
-    summary = bfcl.evaluate(model, qwen3_tokenizer(), categories, limit=args.limit,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            results_path=args.results)
-    for name, row in summary["categories"].items():
-        print(f"{name:24s} {row['accuracy']:7.2%}  ({row['correct']}/{row['total']})")
-    print(f"{'overall (unweighted)':24s} {summary['overall_accuracy']:7.2%}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=1))
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out")
+    out.write_text(text)
+    print(f"wrote {out}; its relative paths are taken from {out.resolve().parent}")
     return 0
+
+
+def _run_stage(name: str, args) -> int:
+    from .runtime.config import load_config
+
+    _, module, config_class, runner = STAGES[name]
+    stage = importlib.import_module(f".stages.{module}", __package__)
+    cfg = load_config(getattr(stage, config_class), args.config, dict(args.overrides))
+    getattr(stage, runner)(cfg)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    # Per-file "Loading weights" bars would drown the stages' own progress lines.
+    from transformers.utils import logging as hf_logging
+
+    from .runtime.config import ConfigError
+
+    hf_logging.disable_progress_bar()
+    try:
+        if args.command == "demo":
+            from .demo import run
+
+            result = run(out_dir=args.out, steps=args.steps, seed=args.seed,
+                         keep_models=args.keep_models)
+            return 0 if result["kl_after"] < result["kl_before"] else 1
+        if args.command in STAGES:
+            return _run_stage(args.command, args)
+        if args.command == "config":
+            return _preset(args)
+        if args.command == "report":
+            from .report import write_report
+
+            out = write_report(args.run_dir)
+            print(f"wrote {out / 'summary.md'} and its plots")
+            return 0
+        from .eval import command as eval_command
+
+        return eval_command.run(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ImportError) as error:
+        # A user's mistake (a config value, a missing file): one line, no traceback.
+        print(f"star-train {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

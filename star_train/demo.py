@@ -10,16 +10,17 @@ Success = the full-vocabulary KL(teacher || student) on the response tokens went
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .ckd import run_ckd
-from .config import ModelSpec, config_from_dict
-from .examples import load_examples
-from .models import load_model
-from .tokenizer import QWEN3_VOCAB_SIZE, qwen3_tokenizer
+from .chat.tokenizer import QWEN3_VOCAB_SIZE, qwen3_tokenizer
+from .data.examples import load_examples
+from .runtime.config import ModelSpec, from_dict
+from .runtime.models import load_model
+from .stages.ckd import CKDRunConfig, run_ckd
 
 SAMPLE = Path(__file__).resolve().parent / "assets" / "xlam_sample.jsonl"
 
@@ -57,11 +58,19 @@ def response_kl(teacher, student, examples) -> float:
     return total / max(count, 1)
 
 
-def run(out_dir: str | None = None, steps: int = 0, seed: int = 0, log=print) -> dict:
+# What a finished demo leaves for a user to look at; the models, checkpoints and teacher
+# cache (about 650 MB with Qwen3's 151,936-row vocabulary) go unless keep_models.
+_MODEL_PARTS = ("teacher", "ckd/checkpoints", "ckd/teacher_cache", "ckd/final")
+
+
+def run(out_dir: str | None = None, steps: int = 0, seed: int = 0, keep_models: bool = False,
+        log=print) -> dict:
     """Run the demo in ``out_dir`` (a new temporary folder by default); ``steps`` caps the
-    optimizer steps (0 = two epochs over the sample)."""
+    optimizer steps (0 = two epochs over the sample). Afterwards the folder keeps the run's
+    config, ``train_log.jsonl`` and (with matplotlib) ``report/``; the models are deleted
+    unless ``keep_models``."""
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="star-demo-"))
-    cfg = config_from_dict({
+    cfg = from_dict(CKDRunConfig, {
         "data": {"path": str(SAMPLE), "max_length": 512},
         "teacher": {"model": {"path": _make_teacher(out / "teacher", seed)}, "k": 32,
                     "batch_size": 8},
@@ -75,12 +84,25 @@ def run(out_dir: str | None = None, steps: int = 0, seed: int = 0, log=print) ->
     summary = run_ckd(cfg, tokenizer=tokenizer, log=log)
 
     device = torch.device("cpu")
-    held = load_examples(cfg.data, tokenizer)[:8]
+    held = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length)[:8]
     teacher = load_model(cfg.teacher.model, torch.float32, device).eval()
     before = load_model(cfg.student.model, torch.float32, device).eval()
     after = load_model(ModelSpec(path=summary["model_dir"]), torch.float32, device).eval()
     kl_before, kl_after = response_kl(teacher, before, held), response_kl(teacher, after, held)
-    log(f"KL(teacher || student) on response tokens: {kl_before:.4f} -> {kl_after:.4f} "
-        f"(run folder: {out})")
+    log(f"KL(teacher || student) on response tokens: {kl_before:.4f} -> {kl_after:.4f}")
+    del teacher, before, after
+    if not keep_models:
+        for part in _MODEL_PARTS:
+            shutil.rmtree(out / part, ignore_errors=True)
+    try:
+        from .report import write_report
+
+        report = write_report(out / "ckd")
+        log(f"run folder: {out / 'ckd'} (train_log.jsonl; plots and summary in {report})")
+    except ImportError:
+        log(f"run folder: {out / 'ckd'} (train_log.jsonl; pip install matplotlib and run "
+            f"star-train report {out / 'ckd'} for plots)")
+    if not keep_models:
+        log("models, checkpoints and the teacher cache were deleted (--keep-models keeps them)")
     return {**summary, "kl_before": kl_before, "kl_after": kl_after, "out_dir": str(out)}
 

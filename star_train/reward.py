@@ -50,111 +50,18 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
-from dataclasses import dataclass
 from typing import Any
 
-from .tools import call_is_declared, tools_by_name
+from .chat.qwen3 import ParsedResponse, parse_response  # noqa: F401  (ParsedResponse: public)
+from .data.tools import call_is_declared, tools_by_name
 
 INVALID_REWARD = -1.0
-
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-_CALL_OPEN, _CALL_CLOSE = "<tool_call>", "</tool_call>"
-_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-_CALL_BLOCK = re.compile(re.escape(_CALL_OPEN) + r"(.*?)" + re.escape(_CALL_CLOSE), re.DOTALL)
-
-
-@dataclass(frozen=True)
-class ParsedResponse:
-    """One parsed completion.
-
-    ``tool_calls`` is a list of ``{"name", "arguments"}`` when the response has
-    tool-call blocks and None for a text reply. ``reply`` is the text after
-    ``</think>`` outside any tool-call block, stripped. ``error`` says why the
-    response is malformed (then it scores -1), None when well formed.
-    """
-
-    reasoning: str | None
-    tool_calls: list[dict] | None
-    reply: str
-    error: str | None = None
-
-
-def _malformed(error: str, reasoning: str | None = None) -> ParsedResponse:
-    return ParsedResponse(reasoning=reasoning, tool_calls=None, reply="", error=error)
-
-
-def _strip_end_token(text: str) -> str:
-    text = text.rstrip()
-    for token in _END_TOKENS:
-        if text.endswith(token):
-            return text[: -len(token)].rstrip()
-    return text
-
-
-def _reject_duplicate_keys(pairs):
-    keys = [key for key, _ in pairs]
-    if len(keys) != len(set(keys)):
-        raise ValueError(f"duplicate keys in a JSON object: {sorted(keys)}")
-    return dict(pairs)
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _parse_call(block: str) -> dict:
-    """The ``{"name", "arguments"}`` in one block's text; ValueError when malformed."""
-    call = json.loads(block.strip(), object_pairs_hook=_reject_duplicate_keys,
-                      parse_constant=_reject_constant)
-    if not isinstance(call, dict):
-        raise ValueError(f"a tool call must be a JSON object, got {type(call).__name__}")
-    if set(call) != {"name", "arguments"}:
-        raise ValueError(f"a tool call needs exactly the keys name and arguments, got {sorted(call)}")
-    if not isinstance(call["name"], str) or not call["name"]:
-        raise ValueError(f"tool call name must be a non-empty string, got {call['name']!r}")
-    if not isinstance(call["arguments"], dict):
-        raise ValueError("tool call arguments must be a JSON object")
-    return {"name": call["name"], "arguments": call["arguments"]}
-
-
-def parse_response(text: str) -> ParsedResponse:
-    """Split a completion (starting with ``<think>``) into reasoning, calls and reply."""
-    if not isinstance(text, str):
-        raise ValueError(f"response must be a str, got {type(text).__name__}")
-    text = _strip_end_token(text)
-    opens, closes = text.count(_THINK_OPEN), text.count(_THINK_CLOSE)
-    if opens != 1 or closes != 1:
-        return _malformed(f"expected exactly one think block, found {opens} {_THINK_OPEN} "
-                          f"and {closes} {_THINK_CLOSE}")
-    open_at, close_at = text.index(_THINK_OPEN), text.index(_THINK_CLOSE)
-    if close_at < open_at:
-        return _malformed(f"{_THINK_CLOSE} comes before {_THINK_OPEN}")
-    if text[:open_at].strip():
-        return _malformed(f"text before {_THINK_OPEN}")
-    reasoning = text[open_at + len(_THINK_OPEN):close_at].strip()
-    body = text[close_at + len(_THINK_CLOSE):]
-
-    blocks = _CALL_BLOCK.findall(body)
-    outside = _CALL_BLOCK.sub("\n", body)
-    if _CALL_OPEN in outside or _CALL_CLOSE in outside or any(_CALL_OPEN in b for b in blocks):
-        return _malformed("unbalanced or nested tool_call tags", reasoning)
-    if not blocks:
-        return ParsedResponse(reasoning=reasoning, tool_calls=None, reply=body.strip())
-    calls = []
-    for number, block in enumerate(blocks, start=1):
-        try:
-            calls.append(_parse_call(block))
-        except ValueError as error:  # json.JSONDecodeError is a ValueError
-            return _malformed(f"tool call {number}: {error}", reasoning)
-    return ParsedResponse(reasoning=reasoning, tool_calls=calls, reply=outside.strip())
-
 
 # ---------------------------------------------------------------- similarities
 
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
-    from rouge_score import rouge_scorer  # the 'train' extra; only needed to score
+    from rouge_score import rouge_scorer  # imported on first use: it pulls in nltk
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 

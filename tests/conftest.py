@@ -28,3 +28,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The offline Qwen3 tokenizer (built once per session; do not mutate it)."""
+    from star_train.chat.tokenizer import qwen3_tokenizer
+
+    return qwen3_tokenizer()

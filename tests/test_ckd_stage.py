@@ -1,62 +1,26 @@
 """The CKD stage: config, batch schedule, teacher cache, training loop and exact resume."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import log_lines, tiny_qwen3, weather_records, weights, write_jsonl
 
-from star_train import teacher_cache as tc
-from star_train.ckd import run_ckd
-from star_train.config import (config_from_dict, load_config, load_rollout_config,
-                               load_simrl_config)
-from star_train.examples import collate, fingerprint, load_examples, target_hidden
-from star_train.models import load_model
-from star_train.schedule import BatchSchedule
-
-VOCAB = 151_936  # Qwen3's padded embedding size: the real tokenizer's ids must fit
-
-
-def _tiny(hidden, seed):
-    return {"config": {"vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-                       "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "num_key_value_heads": 1, "head_dim": hidden // 2,
-                       "max_position_embeddings": 512, "tie_word_embeddings": False},
-            "seed": seed}
-
-
-def _records():
-    weather = {"name": "get_weather", "description": "Current weather for a city.",
-               "parameters": {"type": "object", "properties": {
-                   "city": {"type": "string", "description": "City name"},
-                   "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}}
-    add = {"name": "add", "description": "Add two integers.",
-           "parameters": {"a": {"type": "int"}, "b": {"type": "int"}}}
-    rows = []
-    for i in range(7):
-        city = ["Paris", "Lima", "Oslo", "Pune", "Kyiv", "Doha", "Bern"][i]
-        if i % 3 == 2:
-            last = {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."}
-        else:
-            last = {"role": "assistant", "content": None, "reasoning_content": f"Weather in {city}.",
-                    "tool_calls": [{"name": "get_weather", "arguments": {"city": city}}]}
-        rows.append({"id": f"row-{i}", "tools": [weather, add], "messages": [
-            {"role": "user", "content": f"What is the weather in {city}? Also {i} + {i + 1}?"},
-            last]})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from star_train.tokenizer import qwen3_tokenizer
-    return qwen3_tokenizer()
+from star_train.data.examples import example_batch, fingerprint, load_examples
+from star_train.runtime.config import from_dict, load_config
+from star_train.runtime.models import load_model, predicting_rows
+from star_train.runtime.schedule import BatchSchedule
+from star_train.stages import teacher_cache as tc
+from star_train.stages.ckd import CKDRunConfig, run_ckd
+from star_train.stages.rollouts import RolloutRunConfig
+from star_train.stages.simrl import SimRLRunConfig
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A tiny random Qwen3 with a sharpened head (a random init is near-uniform), saved
     as a local Hugging Face folder: the teacher loads through the path route."""
-    spec = config_from_dict({"data": {"path": "x"}, "teacher": {"model": _tiny(48, 1)},
+    spec = from_dict(CKDRunConfig, {"data": {"path": "x"}, "teacher": {"model": tiny_qwen3(48, 1, 1)},
                              "student": {"model": {"path": "s"}}}).teacher.model
     teacher = load_model(spec, torch.float32, torch.device("cpu"))
     with torch.no_grad():
@@ -69,11 +33,11 @@ def teacher_dir(tmp_path_factory):
 @pytest.fixture
 def run_config(tmp_path, teacher_dir):
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    return lambda **train: config_from_dict({
+    write_jsonl(data, weather_records())
+    return lambda **train: from_dict(CKDRunConfig, {
         "data": {"path": str(data), "max_length": 160},
         "teacher": {"model": {"path": teacher_dir}, "k": 8, "batch_size": 3, "shard_size": 3},
-        "student": {"model": _tiny(32, 2), "gradient_checkpointing": False},
+        "student": {"model": tiny_qwen3(32, 1, 2), "gradient_checkpointing": False},
         "ckd": {"student_topm": 8},
         "train": {"out_dir": str(tmp_path / "run"), "lr": 1e-3, "batch_size": 2,
                   "micro_batch_size": 1, "dtype": "float32", "device": "cpu",
@@ -86,7 +50,7 @@ def test_config_file_relative_paths_and_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[data]\npath = "d.jsonl"\n[teacher.model]\npath = "teacher"\n'
                     '[student.model.config]\nhidden_size = 8\n[train]\nlr = 1e-5\n')
-    cfg = load_config(path, {"train.batch_size": 8, "train.micro_batch_size": 2})
+    cfg = load_config(CKDRunConfig, path, {"train.batch_size": 8, "train.micro_batch_size": 2})
     assert cfg.data.path == str(tmp_path / "d.jsonl")
     assert cfg.teacher.model.path == str(tmp_path / "teacher")
     assert cfg.student.model.config == {"hidden_size": 8}
@@ -94,15 +58,54 @@ def test_config_file_relative_paths_and_overrides(tmp_path):
     assert (cfg.ckd.tail_coef, cfg.ckd.student_topm, cfg.teacher.k) == (10.0, 100, 100)
 
 
-def test_shipped_configs_load():
-    root = Path(__file__).resolve().parents[1] / "configs"
-    paths = sorted(root.glob("*.toml"))
-    loaders = {"ckd": load_config, "simrl": load_simrl_config, "rollouts": load_rollout_config}
-    assert {p.name.split("-")[0] for p in paths} == set(loaders)
-    for path in paths:
-        cfg = loaders[path.name.split("-")[0]](path)
+def test_an_int_is_accepted_where_a_float_is_expected():
+    cfg = from_dict(CKDRunConfig, {"data": {"path": "x"}, "teacher": {"model": {"path": "t"}},
+                                   "student": {"model": {"path": "s"}}, "train": {"lr": 1}})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--config", "{missing}"], "does not exist"),
+    (["--config", "{config}", "--set", "train.lr=abc"], "train.lr: expected a number, got 'abc'"),
+    (["--config", "{config}", "--set", "train.lrr=1"], "unknown key(s) in [train]: lrr"),
+])
+def test_cli_reports_user_errors_in_one_line(argv, match, tmp_path, capsys):
+    from star_train import cli
+
+    config = tmp_path / "run.toml"
+    config.write_text('[data]\npath = "x.jsonl"\n[teacher.model]\npath = "t"\n'
+                      '[student.model]\npath = "s"\n')
+    argv = [a.format(missing=tmp_path / "nope.toml", config=config) for a in argv]
+    assert cli.main(["ckd", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("star-train ckd: error: ") and match in err
+
+
+def test_shipped_presets_load_by_name_relative_to_the_current_folder(tmp_path, monkeypatch):
+    from star_train.runtime.config import preset_names
+
+    monkeypatch.chdir(tmp_path)
+    loaders = {"ckd": CKDRunConfig, "simrl": SimRLRunConfig, "rollouts": RolloutRunConfig}
+    names = preset_names()
+    assert {name.split("-")[0] for name in names} == set(loaders)
+    for name in names:
+        cfg = load_config(loaders[name.split("-")[0]], name)
         out_dir = cfg.output.out_dir if hasattr(cfg, "output") else cfg.train.out_dir
-        assert Path(out_dir).is_absolute() and ".." not in Path(cfg.data.path).parts
+        assert Path(out_dir).parent.parent == tmp_path and Path(cfg.data.path).is_relative_to(tmp_path)
+
+
+def test_cli_config_writes_a_preset_out_and_the_copy_loads(tmp_path, capsys):
+    from star_train import cli
+
+    assert cli.main(["config"]) == 0
+    assert "ckd-qwen3-0.6b" in capsys.readouterr().out.split()
+    out = tmp_path / "my.toml"
+    assert cli.main(["config", "ckd-qwen3-0.6b", "--out", str(out)]) == 0
+    cfg = load_config(CKDRunConfig, out, {"train.lr": 1e-5})
+    assert cfg.train.lr == 1e-5 and cfg.train.out_dir == str(tmp_path / "runs" / "ckd-qwen3-0.6b")
+    assert cli.main(["config", "ckd-qwen3-0.6b", "--out", str(out)]) == 2  # never overwrites
+    assert cli.main(["ckd", "--config", "no-such-preset"]) == 2
+    assert "no preset named 'no-such-preset'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("values, match", [
@@ -116,6 +119,12 @@ def test_shipped_configs_load():
     ({"teacher": {"k": 0}}, "teacher.k"),
     ({"train": {"log_every": 0}}, "train.log_every"),
     ({"train": {"weight_decay": -1e-4}}, "train.weight_decay"),
+    ({"train": {"lr": "abc"}}, r"train.lr: expected a number, got 'abc' \(str\)"),
+    ({"train": {"epochs": 1.5}}, r"train.epochs: expected an integer, got 1.5"),
+    ({"train": {"max_steps": True}}, r"train.max_steps: expected an integer, got True"),
+    ({"student": {"gradient_checkpointing": "yes"}}, r"student.gradient_checkpointing"),
+    ({"teacher": {"model": {"config": 3}}}, r"teacher.model.config: expected a table"),
+    ({"ckd": {"tail_coef": -1.0}}, r"ckd.tail_coef must be >= 0"),
 ])
 def test_config_errors_name_the_key(values, match):
     base = {"data": {"path": "x.jsonl"}, "teacher": {"model": {"path": "t"}},
@@ -123,7 +132,7 @@ def test_config_errors_name_the_key(values, match):
     for section, table in values.items():
         base[section] = {**base.get(section, {}), **table}
     with pytest.raises(ValueError, match=match):
-        config_from_dict(base)
+        from_dict(CKDRunConfig, base)
 
 
 # --- schedule --------------------------------------------------------------------------
@@ -146,7 +155,7 @@ def test_schedule_covers_each_epoch_once_and_is_deterministic():
 
 def test_teacher_cache_is_the_full_logits_top_k(run_config, tokenizer, tmp_path):
     cfg = run_config()
-    examples = load_examples(cfg.data, tokenizer)
+    examples = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length)
     assert all(ex.num_targets > 0 for ex in examples)
     teacher = load_model(cfg.teacher.model, torch.float32, torch.device("cpu"))
     directory = tmp_path / "cache"
@@ -169,7 +178,7 @@ def test_teacher_cache_is_the_full_logits_top_k(run_config, tokenizer, tmp_path)
 def test_teacher_cache_resumes_missing_shards_and_rejects_other_settings(run_config, tokenizer,
                                                                          tmp_path, monkeypatch):
     cfg = run_config()
-    examples = load_examples(cfg.data, tokenizer)
+    examples = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length)
     teacher = load_model(cfg.teacher.model, torch.float32, torch.device("cpu"))
     kwargs = dict(k=4, batch_size=2, shard_size=3, fingerprint=fingerprint(examples),
                   teacher_name="t", pad_id=tokenizer.pad_token_id)
@@ -183,8 +192,8 @@ def test_teacher_cache_resumes_missing_shards_and_rejects_other_settings(run_con
     with pytest.raises(FileNotFoundError, match="incomplete"):
         tc.TeacherCache(directory)
     seen = []
-    real = tc.collate
-    monkeypatch.setattr(tc, "collate", lambda group, pad: seen.extend(e.index for e in group)
+    real = tc.example_batch
+    monkeypatch.setattr(tc, "example_batch", lambda group, pad: seen.extend(e.index for e in group)
                         or real(group, pad))
     tc.build_teacher_cache(teacher, examples, directory, **kwargs)
     assert seen == [3, 4, 5]  # only the missing shard was recomputed
@@ -199,23 +208,13 @@ def test_teacher_cache_resumes_missing_shards_and_rejects_other_settings(run_con
 
 # --- training ---------------------------------------------------------------------------------
 
-def _weights(model_dir):
-    from safetensors.torch import load_file
-    return load_file(str(model_dir / "model.safetensors"))
-
-
-def _log_lines(cfg):
-    path = cfg.train.out_dir + "/train_log.jsonl"
-    return [json.loads(line) for line in open(path)]
-
-
 def test_first_step_loss_is_the_full_logits_ckd(run_config, tokenizer):
     """The logged loss of step 1 (before any update) against the CKD formula evaluated on
     the student's and teacher's full logits: checks target alignment end to end."""
     cfg = run_config(max_steps=1, batch_size=2, micro_batch_size=1)
     run_ckd(cfg, tokenizer=tokenizer, log=lambda *_: None)
-    logged = _log_lines(cfg)[0]
-    examples = load_examples(cfg.data, tokenizer)
+    logged = log_lines(cfg.train.out_dir)[0]
+    examples = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length)
     teacher = load_model(cfg.teacher.model, torch.float32, torch.device("cpu"))
     student = load_model(cfg.student.model, torch.float32, torch.device("cpu"))
     total, count = 0.0, 0
@@ -245,25 +244,25 @@ def test_interrupted_run_resumes_exactly(run_config, tokenizer):
 
     cfg = run_config(epochs=2)
 
-    def crash(step):
+    def crash(step, report):
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_ckd(cfg, on_step_end=crash, **quiet)
-    assert [line["step"] for line in _log_lines(cfg)] == [1, 2, 3]
+    assert [line["step"] for line in log_lines(cfg.train.out_dir)] == [1, 2, 3]
     summary = run_ckd(cfg, **quiet)
     assert summary["start_step"] == 2 and summary["steps"] == 7
 
-    a, b = _log_lines(straight), _log_lines(cfg)
+    a, b = log_lines(straight.train.out_dir), log_lines(cfg.train.out_dir)
     assert [x["step"] for x in b] == list(range(1, 8))
     assert [x["examples"] for x in a] == [x["examples"] for x in b]
     stream = [i for x in b for i in x["examples"]]
     assert sorted(stream[:7]) == list(range(7)) and sorted(stream[7:]) == list(range(7))
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7)
-    wa = _weights(Path(straight.train.out_dir) / "final")
-    wb = _weights(Path(cfg.train.out_dir) / "final")
+    wa = weights(Path(straight.train.out_dir) / "final")
+    wb = weights(Path(cfg.train.out_dir) / "final")
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0)
@@ -274,18 +273,22 @@ def test_interrupted_run_resumes_exactly(run_config, tokenizer):
 def test_training_lowers_the_loss(run_config, tokenizer):
     cfg = run_config(epochs=3, lr=1e-2, save_every=100)
     run_ckd(cfg, tokenizer=tokenizer, log=lambda *_: None)
-    losses = [x["loss"] for x in _log_lines(cfg)]
+    losses = [x["loss"] for x in log_lines(cfg.train.out_dir)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.8 * first
 
 
-def test_collate_and_target_rows(tokenizer, run_config):
-    examples = load_examples(run_config().data, tokenizer)[:3]
-    batch = collate(examples, pad_id=tokenizer.pad_token_id)
+def test_example_batch_and_predicting_rows(tokenizer, run_config, monkeypatch):
+    cfg = run_config()
+    examples = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length)[:3]
+    batch = example_batch(examples, pad_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape[1] == max(len(e.input_ids) for e in examples)
     hidden = torch.arange(batch["input_ids"].numel(), dtype=torch.float32).view(
         *batch["input_ids"].shape, 1)
-    rows = target_hidden(hidden, batch["target_mask"])
+    from star_train.runtime import models
+    monkeypatch.setattr(models, "hidden_states", lambda model, ids, mask: (hidden, None, None))
+    rows, ids, _, _ = predicting_rows(None, batch, torch.device("cpu"))
+    assert torch.equal(ids, batch["input_ids"][:, 1:][batch["target_mask"][:, 1:]])
     assert rows.shape[0] == sum(e.num_targets for e in examples)
     first = examples[0]
     want = (first.target_mask.nonzero().squeeze(1) - 1).float()  # hidden at t-1 predicts t
@@ -317,7 +320,7 @@ def test_teacher_is_freed_before_the_student_is_loaded(run_config, tokenizer, mo
     import gc
     import weakref
 
-    from star_train import ckd
+    from star_train.stages import ckd
 
     loaded, alive_at_student = [], []
     real = ckd.load_model
@@ -332,7 +335,10 @@ def test_teacher_is_freed_before_the_student_is_loaded(run_config, tokenizer, mo
         loaded.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(ckd, "load_model", tracking)
+    from star_train.runtime import trainer
+
+    monkeypatch.setattr(ckd, "load_model", tracking)      # the teacher
+    monkeypatch.setattr(trainer, "load_model", tracking)  # the student
     was_enabled = gc.isenabled()
     gc.disable()  # make "the GC did not happen to run" deterministic
     try:
@@ -350,33 +356,45 @@ def test_resume_with_other_data_settings_is_refused(run_config, tokenizer):
         run_ckd(run_config(max_steps=3, batch_size=1, micro_batch_size=1), **quiet)
 
 
-def test_bf16_autocast_hands_the_fused_op_bf16(run_config, tokenizer, monkeypatch):
-    """Under autocast the trunk's output stays fp32 (fp32 residual stream); the stage must
-    still run the fused lm_head work in bf16."""
+def test_bf16_runs_the_fused_op_under_bf16_autocast(run_config, tokenizer, monkeypatch):
+    """Under autocast the trunk's output stays fp32 (fp32 residual stream); the fused op
+    runs under the run's autocast, which makes it do its GEMMs in bf16."""
     import star_kernels as sk
-    from star_train import ckd
+    from star_train.stages import ckd
 
     seen = []
     real = sk.fused_linear_ckd_loss
 
     def spy(rows, weight, *args, **kwargs):
-        seen.append((rows.dtype, weight.dtype))
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return real(rows, weight, *args, **kwargs)
 
     monkeypatch.setattr(ckd.sk, "fused_linear_ckd_loss", spy)
     run_ckd(run_config(max_steps=1, dtype="bfloat16"), tokenizer=tokenizer, log=lambda *_: None)
-    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert seen and set(seen) == {(True, torch.bfloat16)}
 
 
 def test_answers_end_at_im_end_and_long_answers_are_skipped(run_config, tokenizer):
     cfg = run_config()
-    examples = load_examples(cfg.data, tokenizer)
+    examples = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert all(int(ex.input_ids[-1]) == im_end == int(ex.labels[-1]) for ex in examples)
     lengths = sorted(int((ex.labels != -100).sum()) for ex in examples)
     cfg.data.max_length = lengths[2]  # the answers of this length or longer no longer fit
     logged = []
-    kept = load_examples(cfg.data, tokenizer, log=logged.append)
+    kept = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length, log=logged.append)
     assert len(kept) == sum(n < lengths[2] for n in lengths) < len(examples)
     assert [ex.index for ex in kept] == list(range(len(kept)))
     assert logged and "exceeds data.max_length" in logged[0]
+
+
+def test_tensorboard_logs_the_same_numbers_as_the_run_log(run_config, tokenizer):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = run_config(max_steps=2, tensorboard=True)
+    run_ckd(cfg, tokenizer=tokenizer, log=lambda *_: None)
+    events = event_accumulator.EventAccumulator(str(Path(cfg.train.out_dir) / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("ckd/loss")]
+    expected = [(x["step"], x["loss"]) for x in log_lines(cfg.train.out_dir)]
+    assert [s for s, _ in logged] == [1, 2]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)

@@ -8,16 +8,16 @@ import json
 
 import torch
 
-from star_train import bfcl, rollouts
-from star_train.ckd import run_ckd
-from star_train.config import (ModelSpec, config_from_dict, rollout_config_from_dict,
-                               simrl_config_from_dict)
-from star_train.data import build_example, load_records
+from star_train.chat.tokenizer import qwen3_tokenizer
+from star_train.data.records import build_example, load_records
 from star_train.demo import SAMPLE, tiny_qwen3
-from star_train.models import load_model
-from star_train.rollouts import run_rollouts
-from star_train.simrl import run_simrl
-from star_train.tokenizer import qwen3_tokenizer
+from star_train.eval import bfcl
+from star_train.runtime.config import ModelSpec, from_dict
+from star_train.runtime.models import load_model
+from star_train.stages import rollouts
+from star_train.stages.ckd import CKDRunConfig, run_ckd
+from star_train.stages.rollouts import RolloutRunConfig, run_rollouts
+from star_train.stages.simrl import SimRLRunConfig, run_simrl
 
 
 def _teacher_that_answers_right(tokenizer):
@@ -40,7 +40,7 @@ def test_rollouts_feed_ckd_feeds_simrl_feeds_eval(tmp_path, monkeypatch):
     quiet = dict(tokenizer=tokenizer, log=lambda *_: None)
     monkeypatch.setattr(rollouts, "generate_completions", _teacher_that_answers_right(tokenizer))
     teacher_spec = tiny_qwen3(48, 1, seed=7)
-    made = run_rollouts(rollout_config_from_dict({
+    made = run_rollouts(from_dict(RolloutRunConfig, {
         "data": {"path": str(SAMPLE), "limit": 6},
         "teacher": {"model": teacher_spec},
         "sampling": {"num_samples": 2},
@@ -48,7 +48,7 @@ def test_rollouts_feed_ckd_feeds_simrl_feeds_eval(tmp_path, monkeypatch):
     }), **quiet)
     assert made["kept"] == 6  # two identical right answers per prompt, deduplicated
 
-    ckd = run_ckd(config_from_dict({
+    ckd = run_ckd(from_dict(CKDRunConfig, {
         "data": {"path": made["rollouts"], "max_length": 384},
         "teacher": {"model": teacher_spec, "k": 8},
         "student": {"model": tiny_qwen3(32, 1, seed=8), "gradient_checkpointing": False},
@@ -58,7 +58,7 @@ def test_rollouts_feed_ckd_feeds_simrl_feeds_eval(tmp_path, monkeypatch):
     }), **quiet)
     assert ckd["steps"] == 3 and ckd["final_loss"] > 0
 
-    rl = run_simrl(simrl_config_from_dict({
+    rl = run_simrl(from_dict(SimRLRunConfig, {
         "data": {"path": str(SAMPLE), "limit": 4},
         "policy": {"model": {"path": ckd["model_dir"]}, "gradient_checkpointing": False},
         "rollout": {"num_samples": 2, "prompts_per_step": 2, "max_sampling_rounds": 1,

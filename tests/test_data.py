@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from star_train.data import build_example, load_records, render_chat, render_prompt, validate_record
+from star_train.chat.qwen3 import render_chat, render_prompt
+from star_train.data.records import build_example, load_records, validate_record
 
 # CI clones the repo beside a copy of shared/, so shared/data sits two levels above this file.
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -157,7 +158,8 @@ def test_tools_are_printed_as_given_in_the_openai_wrapper():
 
 
 def test_null_assistant_content_renders_as_empty():
-    with_null = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call("f", {})]}]
+    with_null = [{"role": "user", "content": "q"},
+                 {"role": "assistant", "content": None, "tool_calls": [call("f", {})]}]
     with_empty = [with_null[0], {**with_null[1], "content": ""}]
     assert render_chat(with_null) == render_chat(with_empty)
     assert validate_record({"id": 1, "messages": with_null})["messages"][1]["content"] == ""

@@ -6,11 +6,10 @@ import json
 import pytest
 import torch
 
-from star_train.checkpoint import (append_log, latest_checkpoint, load_checkpoint,
-                                   save_checkpoint, truncate_log)
-from star_train.config import ModelSpec, TrainConfig
-from star_train.models import load_model
-from star_train.stage import optimizer_and_scheduler
+from star_train.runtime.checkpoint import append_log, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from star_train.runtime.config import ModelSpec, TrainConfig
+from star_train.runtime.models import load_model
+from star_train.runtime.trainer import optimizer_and_scheduler
 
 
 def _tied(seed):
@@ -58,3 +57,27 @@ def test_truncate_log_still_rejects_a_corrupt_line_before_the_end(tmp_path):
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(json.JSONDecodeError):
         truncate_log(path, 2)
+
+
+class _RunsCode:
+    """Unpickling this calls ``marker.touch()``: what a crafted trainer.pt could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """Resuming from a checkpoint folder someone else made must not execute their code:
+    trainer.pt is loaded with weights_only=True (tensors, numbers, lists, dicts only)."""
+    model = _tied(0)
+    optimizer, scheduler = optimizer_and_scheduler(model, TrainConfig(lr=1e-2))
+    path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {})
+    marker = tmp_path / "code-ran"
+    trainer = torch.load(path / "trainer.pt", weights_only=True)  # ours loads this way
+    torch.save({**trainer, "optimizer": _RunsCode(marker)}, path / "trainer.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
+        load_checkpoint(path, model, optimizer, scheduler)
+    assert not marker.exists()

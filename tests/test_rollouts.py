@@ -5,21 +5,15 @@ import json
 import pytest
 import torch
 
-from star_train import rollouts
-from star_train.config import rollout_config_from_dict
-from star_train.data import build_example, load_records
+from star_train.data.records import build_example, load_records
 from star_train.demo import SAMPLE, tiny_qwen3
-from star_train.rollouts import answer_message, run_rollouts
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from star_train.tokenizer import qwen3_tokenizer
-    return qwen3_tokenizer()
+from star_train.runtime.config import from_dict
+from star_train.stages import rollouts, sampling
+from star_train.stages.rollouts import answer_message, run_rollouts
 
 
 def _config(tmp_path, **sampling):
-    return rollout_config_from_dict({
+    return from_dict(rollouts.RolloutRunConfig, {
         "data": {"path": str(SAMPLE), "limit": 5},
         "teacher": {"model": tiny_qwen3(32, 1, seed=4)},
         "sampling": {"num_samples": 3, "max_new_tokens": 6, "generate_batch_prompts": 2,
@@ -71,7 +65,7 @@ def _scripted_teacher(tokenizer, calls):
 
 def test_keep_rule_dedupe_and_records(tmp_path, tokenizer, monkeypatch):
     calls = []
-    monkeypatch.setattr(rollouts, "generate_completions", _scripted_teacher(tokenizer, calls))
+    monkeypatch.setattr(sampling, "sample_completions", _scripted_teacher(tokenizer, calls))
     cfg = _config(tmp_path)
     summary = run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
     seeds = load_records(SAMPLE)[:5]
@@ -92,7 +86,7 @@ def test_keep_rule_dedupe_and_records(tmp_path, tokenizer, monkeypatch):
 
 def test_interrupted_run_redoes_only_missing_shards(tmp_path, tokenizer, monkeypatch):
     calls = []
-    monkeypatch.setattr(rollouts, "generate_completions", _scripted_teacher(tokenizer, calls))
+    monkeypatch.setattr(sampling, "sample_completions", _scripted_teacher(tokenizer, calls))
     cfg = _config(tmp_path)
     run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
     out = tmp_path / "rollouts"
@@ -140,27 +134,27 @@ def test_config_errors_name_the_key(section, values, match):
     base = {"data": {"path": "x.jsonl"}, "teacher": {"model": {"path": "t"}}}
     base[section] = values
     with pytest.raises(ValueError, match=match):
-        rollout_config_from_dict(base)
+        from_dict(rollouts.RolloutRunConfig, base)
 
 
 def test_killed_between_a_shards_two_files_resumes(tmp_path, tokenizer, monkeypatch):
     """A shard is two files (records, stats). Killed right after the first of them was
     written for shard 1, the next run must still finish with the uninterrupted output."""
-    monkeypatch.setattr(rollouts, "generate_completions", _scripted_teacher(tokenizer, []))
+    monkeypatch.setattr(sampling, "sample_completions", _scripted_teacher(tokenizer, []))
     straight = run_rollouts(_config(tmp_path / "a"), tokenizer=tokenizer, log=lambda *_: None)
 
     cfg = _config(tmp_path / "b")
-    real = rollouts._write_atomic
+    real = rollouts.write_atomic
 
     def killed_after_first_file(path, text):
         real(path, text)
         if path.name.startswith("shard-00001"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(rollouts, "_write_atomic", killed_after_first_file)
+    monkeypatch.setattr(rollouts, "write_atomic", killed_after_first_file)
     with pytest.raises(KeyboardInterrupt):
         run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
-    monkeypatch.setattr(rollouts, "_write_atomic", real)
+    monkeypatch.setattr(rollouts, "write_atomic", real)
     resumed = run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
     assert {k: v for k, v in resumed.items() if k != "rollouts"} == \
         {k: v for k, v in straight.items() if k != "rollouts"}
@@ -185,7 +179,7 @@ def test_teacher_weights_are_held_in_the_output_dtype(tmp_path, tokenizer, monke
         return [[torch.tensor([tokenizer.convert_tokens_to_ids("<|im_end|>")])] * num_samples
                 for _ in prompt_ids]
 
-    monkeypatch.setattr(rollouts, "generate_completions", generate)
+    monkeypatch.setattr(sampling, "sample_completions", generate)
     cfg = _config(tmp_path)
     cfg.output.dtype = "bfloat16"
     run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
@@ -193,7 +187,7 @@ def test_teacher_weights_are_held_in_the_output_dtype(tmp_path, tokenizer, monke
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(rollouts, "generate_completions", _scripted_teacher(tokenizer, []))
+    monkeypatch.setattr(sampling, "sample_completions", _scripted_teacher(tokenizer, []))
     run_rollouts(_config(tmp_path), tokenizer=tokenizer, log=lambda *_: None)
     with pytest.raises(ValueError, match=r"sampling.min_reward: 1.0 -> 0.5"):
         run_rollouts(_config(tmp_path, min_reward=0.5), tokenizer=tokenizer, log=lambda *_: None)

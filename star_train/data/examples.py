@@ -1,9 +1,10 @@
-"""Tokenized training examples: STAR records -> (input_ids, labels) with the prompt masked.
+"""Tokenized training examples: STAR records -> token ids with the target tokens marked.
 
-Labels are aligned with ``input_ids`` (Hugging Face convention): ``labels[t]`` is the
-token the model must predict at ``t`` from the prefix before it, ``-100`` on the prompt.
-The *target positions* of an example are the ``t >= 1`` with ``labels[t] != -100``; the
-teacher cache and the CKD loss both walk them in this order.
+An example is ``input_ids`` (prompt then target) and ``target_mask``, true on the target
+tokens the model must learn to produce (never on the first token, which nothing
+predicts). The teacher cache and the CKD loss both walk an example's target positions
+in this order. ``pad_batch`` turns any such sequences (training examples, Sim-RL's
+prompt + completion pairs) into one right-padded batch.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DataConfig
-from .data import build_example, load_records
-from .tokenizer import encode_example
+from ..chat.tokenizer import encode_example
+from .records import build_example, load_records
 
 IGNORE = -100
 
@@ -38,28 +38,28 @@ class Example:
         return int(self.target_mask.sum())
 
 
-def load_examples(cfg: DataConfig, tokenizer, log=None) -> list[Example]:
-    """Tokenized examples of ``cfg.path``. A record whose answer alone does not fit in
-    ``cfg.max_length`` (with at least one prompt token) is skipped, not truncated: a cut
-    answer would teach stopping mid-call. ``log`` receives the skip count."""
-    records = load_records(cfg.path, cfg.limit)
+def load_examples(path: str, tokenizer, *, max_length: int, limit: int = 0,
+                  log=None) -> list[Example]:
+    """Tokenized examples of the STAR records in ``path``. A record whose answer alone does
+    not fit in ``max_length`` (with at least one prompt token) is skipped, not truncated:
+    a cut answer would teach stopping mid-call. ``log`` receives the skip count."""
     examples, skipped = [], 0
-    for position, record in enumerate(records):
+    for position, record in enumerate(load_records(path, limit)):
         prompt, target = build_example(record)
         # The rendered turn ends "<|im_end|>\n"; generation stops at <|im_end|>, so the
         # newline after it is never produced and is not trained.
         target = target.removesuffix("\n")
-        if len(tokenizer.encode(target, add_special_tokens=False)) >= cfg.max_length:
+        if len(tokenizer.encode(target, add_special_tokens=False)) >= max_length:
             skipped += 1
             continue
-        enc = encode_example(tokenizer, prompt, target, max_length=cfg.max_length)
-        # int32 halves the resident dataset (ids < 2^31); collate widens to int64.
+        enc = encode_example(tokenizer, prompt, target, max_length=max_length)
+        # int32 halves the resident dataset (ids < 2^31); pad_batch widens to int64.
         examples.append(Example(len(examples), str(record.get("id", position)),
                                 torch.as_tensor(enc["input_ids"], dtype=torch.int32),
                                 torch.as_tensor(enc["labels"], dtype=torch.int32)))
     if skipped and log is not None:
         log(f"skipped {skipped} records whose answer exceeds data.max_length "
-            f"({cfg.max_length} tokens)")
+            f"({max_length} tokens)")
     return examples
 
 
@@ -73,25 +73,22 @@ def fingerprint(examples: list[Example]) -> str:
     return digest.hexdigest()[:32]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``target_mask`` ``[B, T]``."""
-    width = max(len(ex.input_ids) for ex in examples)
-    batch = len(examples)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    target_mask = torch.zeros((batch, width), dtype=torch.bool)
-    labels = torch.full((batch, width), IGNORE, dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = ex.input_ids
+def pad_batch(sequences: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``target_mask`` ``[B, T]`` from
+    ``(ids, target_mask)`` pairs. Right padding keeps each sequence at positions 0.. as an
+    unpadded forward would see it."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    target_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (ids, mask) in enumerate(sequences):
+        n = len(ids)
+        input_ids[row, :n] = ids
         attention_mask[row, :n] = 1
-        target_mask[row, :n] = ex.target_mask
-        labels[row, :n] = ex.labels
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "target_mask": target_mask, "labels": labels}
+        target_mask[row, :n] = mask
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
 
 
-def target_hidden(hidden: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """The hidden states that predict the target tokens, ``[num_targets, H]``, in the
-    order of the target positions (row-major over the batch)."""
-    return hidden[:, :-1][target_mask[:, 1:].to(hidden.device)]
+def example_batch(examples: list[Example], pad_id: int) -> dict:
+    """One right-padded batch of training examples (see ``pad_batch``)."""
+    return pad_batch([(ex.input_ids, ex.target_mask) for ex in examples], pad_id)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..chat.qwen3 import (ASSISTANT_HEADER, ROLES, THINK_OPEN, final_turn_thinks,
-                          render_assistant, render_prompt)
+from ..chat.qwen3 import ASSISTANT_HEADER, ROLES, THINK_OPEN, final_turn_thinks, render_assistant, render_prompt
 from .tools import is_json_schema
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from .run_folder import describe_changes
+
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -61,27 +63,6 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, st
     return final
 
 
-def describe_changes(saved: dict, current: dict) -> str:
-    """``"key: old -> new, ..."`` for the keys of ``current`` whose saved value differs."""
-    changed = sorted(k for k in current if saved.get(k) != current[k])
-    return ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-
-
-def pin_settings(path: Path, settings: dict, owner: str, remedy: str) -> None:
-    """Record ``settings`` at ``path`` on first use; afterwards refuse other ones, so
-    output made under one set of settings is never mixed with or reused for another."""
-    path = Path(path)
-    if path.exists():
-        changes = describe_changes(json.loads(path.read_text()), settings)
-        if changes:
-            raise ValueError(f"{owner} was made with other settings ({changes}); {remedy}")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, run: dict | None = None) -> dict:
     """Restore model, optimizer, scheduler and RNG states in place; returns ``state.json``.
 
@@ -101,7 +82,9 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, run: dict | N
     if unexpected or untied_missing:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing "
                            f"{untied_missing}, unexpected {unexpected}")
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint folder from elsewhere must not be able to run code here
+    # (a full unpickle would); the trainer state is plain tensors, numbers and lists.
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng_cpu"])

@@ -1,10 +1,21 @@
-"""Build or load the teacher and student causal LMs (never from a hub: local files or a config)."""
+"""Models on the training side: loading (never from a hub), precision, the next-token rows.
+
+``load_model`` takes a local Hugging Face folder or builds a random Qwen3 from a config.
+``predicting_rows`` runs a model's trunk only and returns the hidden states that predict
+the marked tokens, with the lm_head weight: the input of every fused ``star_kernels`` op,
+so no stage ever computes ``[tokens x vocab]`` logits. The next-token shift (hidden state
+``t - 1`` predicts token ``t``) is written here once.
+"""
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from star_kernels.hf import hidden_states
 
 from .config import ModelSpec
 
@@ -33,3 +44,36 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
             torch.manual_seed(spec.seed)
             model = Qwen3ForCausalLM(Qwen3Config(**spec.config)).to(dtype)
     return model.to(device)
+
+
+def model_name(spec: ModelSpec) -> str:
+    """What identifies a model in settings pins: its folder, or its config and seed."""
+    return spec.path or json.dumps({"config": spec.config, "seed": spec.seed}, sort_keys=True)
+
+
+def check_vocab(model, tokenizer, role: str) -> None:
+    """The model must have a row for every token id the tokenizer produces."""
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(f"{role} vocab_size {model.config.vocab_size} is smaller than the "
+                         f"tokenizer's {len(tokenizer)} tokens")
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # transformers 5 renamed the method; the old name still works there but warns.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The mixed-precision context of a run: autocast to ``dtype``, none for float32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def predicting_rows(model, batch: dict, device: torch.device) -> tuple:
+    """``(rows [N, H], ids [N], weight, bias)``: the trunk's hidden states that predict the
+    tokens marked by ``batch["target_mask"]`` (row-major over the batch), those tokens' ids
+    and the lm_head. ``batch`` is right-padded (``data.examples.pad_batch``)."""
+    input_ids = batch["input_ids"].to(device)
+    hidden, weight, bias = hidden_states(model, input_ids, batch["attention_mask"].to(device))
+    predicts = batch["target_mask"][:, 1:].to(device)  # hidden at t - 1 predicts token t
+    return hidden[:, :-1][predicts], input_ids[:, 1:][predicts], weight, bias

@@ -41,3 +41,24 @@ class BatchSchedule:
             epoch, offset = divmod(pos, self.num_examples)
             out.append(int(self._order(epoch)[offset]))
         return out
+
+
+class PromptStream:
+    """Prompt indices in training order: ``episodes`` seeded permutations end to end.
+
+    The same stream a :class:`BatchSchedule` with batch size 1 walks, so position ``p``
+    is a pure function of (seed, number of prompts, ``p``). Sim-RL's dynamic filtering
+    consumes a variable number of positions per step; its checkpoint stores where it
+    stopped.
+    """
+
+    def __init__(self, num_prompts: int, episodes: int, seed: int):
+        self._schedule = BatchSchedule(num_prompts, 1, episodes, seed)
+
+    def __len__(self) -> int:
+        return self._schedule.total_steps
+
+    def take(self, position: int, count: int) -> list[int]:
+        """Up to ``count`` indices from ``position`` on (fewer at the end of the stream)."""
+        stop = min(position + count, len(self))
+        return [self._schedule.batch(p)[0] for p in range(position, stop)]

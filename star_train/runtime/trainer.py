@@ -1,30 +1,80 @@
-"""What both training stages set up the same way: the run folder, the optimizer, checkpointing."""
+"""The training skeleton that every training stage runs in.
+
+A stage (CKD, Sim-RL) supplies only what is its own: which work each optimizer step
+does (``plan_step``) and the loss of one micro-batch (``micro_loss``). The skeleton owns
+the rest, the same for every stage:
+
+* the model: loaded in fp32 (AdamW updates at lr 3e-6 vanish in bf16), vocabulary
+  checked against the tokenizer, gradient checkpointing, train mode;
+* AdamW and the learning-rate schedule (linear warm-up, then constant);
+* resume: the newest checkpoint under ``checkpoints/`` restores the model, optimizer,
+  scheduler, RNG and the stage's own state (``Stage.state``), after checking that it was
+  written under the same data settings (``Stage.run_key``); log lines of steps after it
+  are dropped, since their updates died with the interrupted run;
+* each step: autocast to ``train.dtype``, the micro-batches' losses accumulated so that
+  the gradient is that of the step's loss however the step is split (each micro-batch
+  returns a *sum* over its tokens, the skeleton divides by the step's token count),
+  gradient clipping, the optimizer and scheduler steps;
+* ``train_log.jsonl`` (one line per step, with tokens/s), a progress line every
+  ``train.log_every`` steps with throughput and ETA, and with ``train.tensorboard`` the
+  same numbers as TensorBoard scalars under ``tensorboard/``;
+* checkpoints every ``train.save_every`` steps and at the end (atomic, see
+  ``checkpoint``), and the trained model with the tokenizer in ``final/``.
+"""
 
 from __future__ import annotations
 
-import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from .config import config_to_dict
+from .checkpoint import append_log, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from .config import ModelSpec, TrainConfig
+from .models import DTYPES, autocast, check_vocab, enable_gradient_checkpointing, load_model, resolve_device
 
 
-def open_run(cfg) -> Path:
-    """Create ``train.out_dir`` and record the run's full config in it."""
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    return out
+@dataclass
+class StepPlan:
+    """What one optimizer step of a stage consists of."""
+
+    micro_batches: list          # handed to ``Stage.micro_loss`` one by one; empty: no update
+    num_tokens: int              # the step's loss = sum of the micro-batch losses / this
+    record: dict = field(default_factory=dict)  # the stage's own fields for train_log.jsonl
+    detail: Any = None           # handed to ``on_step_end`` (e.g. Sim-RL's sampled groups)
 
 
-def enable_gradient_checkpointing(model) -> None:
-    # transformers 5 renamed the method; the old name still works there but warns.
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    (enable or model.gradient_checkpointing_enable)()
+@dataclass
+class StepReport:
+    """What ``on_step_end(step, report)`` receives after each step (and its checkpoint)."""
+
+    step: int
+    record: dict                 # the line written to train_log.jsonl
+    detail: Any = None
 
 
-def optimizer_and_scheduler(model, train) -> tuple:
+class Stage(Protocol):
+    name: str                    # prefix of progress lines
+    run_key: dict                # data settings a checkpoint must have been written under
+    total_steps: int | None      # None: until plan_step returns None
+
+    def plan_step(self, step: int) -> StepPlan | None: ...
+
+    def micro_loss(self, model, micro_batch) -> tuple[torch.Tensor, dict]:
+        """``(loss summed over the micro-batch's tokens, {stat: token-weighted sum})``."""
+
+    def state(self) -> dict: ...              # the stage's own resumable state
+
+    def restore(self, state: dict) -> None: ...
+
+    def describe(self, record: dict) -> str: ...  # the stage's part of a progress line
+
+
+def optimizer_and_scheduler(model, train: TrainConfig) -> tuple:
     """AdamW over the fp32 parameters; linear warm-up over ``train.warmup_steps``, then constant."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr,
                                   weight_decay=train.weight_decay)
@@ -34,12 +84,137 @@ def optimizer_and_scheduler(model, train) -> tuple:
     return optimizer, scheduler
 
 
-def fused_op_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype to hand the fused lm_head ops, called inside the autocast region.
+class Trainer:
+    """Loads the model to train and runs a :class:`Stage` on it (see the module doc)."""
 
-    Under autocast the trunk's residual stream (and so its final norm's output) stays in
-    the fp32 of the parameters, while the fused ops run their GEMMs in the dtype they are
-    given: without a cast a bf16 run would do its lm_head work in fp32.
-    """
-    kind = tensor.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
+    def __init__(self, train: TrainConfig, model_spec: ModelSpec, out: Path, *, tokenizer,
+                 gradient_checkpointing: bool, role: str = "student", log=print):
+        self.train, self.out, self.tokenizer, self.log = train, Path(out), tokenizer, log
+        self.device = resolve_device(train.device)
+        self.compute_dtype = DTYPES[train.dtype]
+        self.model = load_model(model_spec, torch.float32, self.device)
+        check_vocab(self.model, tokenizer, role)
+        self.model.train()
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.optimizer, self.scheduler = optimizer_and_scheduler(self.model, train)
+
+    def autocast(self):
+        """A fresh mixed-precision context for this run's device and compute dtype."""
+        return autocast(self.device, self.compute_dtype)
+
+    def fit(self, stage: Stage, on_step_end=None) -> dict:
+        """Run (or resume) ``stage`` to its end or ``train.max_steps``; returns a summary."""
+        train, model = self.train, self.model
+        ckpt_root, log_path = self.out / "checkpoints", self.out / "train_log.jsonl"
+        step, updates = 0, 0
+        if (ckpt := latest_checkpoint(ckpt_root)) is not None:
+            state = load_checkpoint(ckpt, model, self.optimizer, self.scheduler,
+                                    run=stage.run_key)
+            step, updates = state["step"], state.get("updates", state["step"])
+            stage.restore(state)
+            self.log(f"resumed from {ckpt} at step {step}")
+        start = step
+        truncate_log(log_path, start)
+        board = self._tensorboard(start)
+        total = stage.total_steps if stage.total_steps is not None else math.inf
+        if train.max_steps:
+            total = min(total, train.max_steps)
+        saved_at, record, began = start, {}, time.perf_counter()
+        while step < total:
+            t0 = time.perf_counter()
+            plan = stage.plan_step(step)
+            if plan is None:
+                break
+            record = self._step(stage, plan)
+            updates += record["updated"]
+            step += 1
+            seconds = time.perf_counter() - t0
+            record = {"step": step, **record, "lr": self.scheduler.get_last_lr()[0],
+                      "seconds": round(seconds, 3),
+                      "tokens_per_s": round(plan.num_tokens / seconds, 1) if seconds else None}
+            append_log(log_path, record)
+            if board is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        board.add_scalar(f"{stage.name}/{key}", value, step)
+            if step % train.log_every == 0 or step == total:
+                self.log(self._progress(stage, record, step, total, start, began))
+            if step % train.save_every == 0:
+                self._save(ckpt_root, step, updates, stage)
+                saved_at = step
+            if on_step_end is not None:
+                on_step_end(step, StepReport(step, record, plan.detail))
+        if step != saved_at:
+            self._save(ckpt_root, step, updates, stage)
+        if board is not None:
+            board.close()
+        summary = {"steps": step, "start_step": start, "updates": updates,
+                   "final_loss": record.get("loss", math.nan) if record else math.nan,
+                   "model_dir": None}
+        if updates == 0:
+            self.log("no step updated the model, so no final/ model was written")
+            return summary
+        final = self.out / "final"
+        model.save_pretrained(final)
+        self.tokenizer.save_pretrained(final)
+        self.log(f"saved the trained model to {final}")
+        return {**summary, "model_dir": str(final)}
+
+    def _tensorboard(self, start: int):
+        if not self.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ImportError("train.tensorboard needs the tensorboard package: "
+                              "pip install tensorboard") from error
+        # purge_step: a resumed run drops the events its interrupted predecessor logged
+        # after the checkpoint, as truncate_log does for train_log.jsonl.
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=start)
+
+    def _step(self, stage: Stage, plan: StepPlan) -> dict:
+        """Accumulate the plan's micro-batches, clip, step; the step's log fields."""
+        self.model.train()  # a stage may have sampled from it in eval mode
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro_batch in plan.micro_batches:
+            with self.autocast():
+                loss, stats = stage.micro_loss(self.model, micro_batch)
+            (loss / plan.num_tokens).backward()
+            for key, value in {"loss": loss.item(), **stats}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        record = {**plan.record, "tokens": plan.num_tokens, "updated": bool(plan.micro_batches)}
+        if record["updated"]:
+            record.update({key: value / plan.num_tokens for key, value in sums.items()})
+            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.train.max_grad_norm))
+            self.optimizer.step()
+        else:
+            record.setdefault("loss", None)
+            record.setdefault("grad_norm", None)
+        with warnings.catch_warnings():  # a step without an update still advances the lr
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        return record
+
+    def _progress(self, stage, record, step, total, start, began) -> str:
+        line = f"{stage.name} step {step}/{total if total != math.inf else '?'}  "
+        line += stage.describe(record)
+        if record.get("tokens_per_s"):
+            line += f"  {record['tokens_per_s']:,.0f} tok/s"
+        if total != math.inf:
+            remaining = (time.perf_counter() - began) / (step - start) * (total - step)
+            line += f"  eta {_duration(remaining)}"
+        return line
+
+    def _save(self, root, step, updates, stage):
+        save_checkpoint(root, step, self.model, self.optimizer, self.scheduler,
+                        {**stage.state(), "updates": updates, "run": stage.run_key},
+                        keep=self.train.keep_checkpoints)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -1,158 +1,187 @@
-"""STAR stage 1: constrained knowledge distillation on one device.
+"""STAR stage 1: constrained knowledge distillation (CKD) on one device.
 
 ``run_ckd(cfg)`` does the whole stage and can be killed and restarted at any point:
-1. tokenizes the records (Qwen3 chat format, prompt masked);
-2. builds the teacher top-k cache (resumes shard by shard), then frees the teacher;
-3. trains the student with ``star_kernels.fused_linear_ckd_loss`` on its trunk's hidden
-   states at the target positions (no ``[tokens x vocab]`` logits), loss = sum over the
+
+1. tokenizes the records (Qwen3 chat format, prompt masked; ``data.examples``);
+2. builds the teacher top-k cache (``teacher_cache``; resumes shard by shard), then
+   frees the teacher;
+3. trains the student in the training skeleton (``runtime.trainer``) with
+   ``star_kernels.fused_linear_ckd_loss`` on its trunk's hidden states at the target
+   positions (no ``[tokens x vocab]`` logits). The batch of step ``s`` is a pure
+   function of the seed and ``s`` (``runtime.schedule``); the loss is the sum over the
    step's target tokens / their number (STAR's masked mean over the whole batch,
-   independent of the micro-batch split), AdamW, linear warm-up then constant lr,
-   gradient clipping;
-4. checkpoints atomically every ``save_every`` steps and resumes from the newest one.
-Parameters stay in fp32 (AdamW updates at lr 3e-6 vanish in bf16); ``train.dtype``
-bfloat16 runs the forward/backward under autocast.
+   independent of the micro-batch split).
+
+The config (TOML sections ``[data]``, ``[teacher]``, ``[student]``, ``[ckd]``,
+``[train]``) defaults to STAR's released CKD run.
 """
 
 from __future__ import annotations
 
 import gc
-import json
-import math
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
 import star_kernels as sk
-from star_kernels.hf import hidden_states
 
-from .checkpoint import (append_log, latest_checkpoint, load_checkpoint, save_checkpoint,
-                         truncate_log)
-from .config import CKDRunConfig
-from .examples import collate, fingerprint, load_examples, target_hidden
-from .models import DTYPES, load_model, resolve_device
-from .schedule import BatchSchedule
-from .stage import (enable_gradient_checkpointing, fused_op_dtype, open_run,
-                    optimizer_and_scheduler)
-from .teacher_cache import (TeacherCache, build_teacher_cache, cache_is_complete,
-                            cache_settings, pin_cache_settings)
+from ..data.examples import example_batch, fingerprint, load_examples
+from ..runtime.config import ModelSpec, TrainConfig, enforce, section, setting
+from ..runtime.models import DTYPES, load_model, model_name, predicting_rows, resolve_device
+from ..runtime.run_folder import open_run
+from ..runtime.schedule import BatchSchedule
+from ..runtime.trainer import StepPlan, Trainer
+from .teacher_cache import TeacherCache, build_teacher_cache, cache_is_complete, cache_settings, pin_cache_settings
+
+# ---------------------------------------------------------------- config
+
+@dataclass
+class DataConfig:
+    path: str = setting("", path=True)  # STAR messages+tools jsonl
+    max_length: int = setting(5632, min=2)  # prompt (5120) + response (512) tokens
+    limit: int = setting(0, min=0)          # use only the first N records (0 = all)
 
 
-def _teacher_name(cfg: CKDRunConfig) -> str:
-    spec = cfg.teacher.model
-    return spec.path or json.dumps({"config": spec.config, "seed": spec.seed}, sort_keys=True)
+@dataclass
+class TeacherConfig:
+    model: ModelSpec = section(ModelSpec)
+    k: int = setting(100, min=1)             # teacher top-k per response token
+    batch_size: int = setting(8, min=1)      # sequences per teacher forward when caching
+    shard_size: int = setting(256, min=1)    # examples per cache shard (the unit of resumption)
 
 
-def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -> dict:
-    """Run (or resume) the CKD stage; returns a summary. ``on_step_end(step)`` is called
-    after each optimizer step (and its checkpoint, if one was due)."""
-    cfg.validate()
-    from .tokenizer import qwen3_tokenizer
+@dataclass
+class StudentConfig:
+    model: ModelSpec = section(ModelSpec)
+    gradient_checkpointing: bool = True
 
-    tokenizer = tokenizer or qwen3_tokenizer()
-    device = resolve_device(cfg.train.device)
-    compute_dtype = DTYPES[cfg.train.dtype]
-    out = open_run(cfg)
 
-    examples = load_examples(cfg.data, tokenizer, log=log)
-    digest = fingerprint(examples)
-    pad_id = tokenizer.pad_token_id
-    log(f"{len(examples)} examples, {sum(e.num_targets for e in examples)} target tokens")
+@dataclass
+class CKDLossConfig:
+    tail_coef: float = setting(10.0, min=0)  # lambda on the confident-error mass
+    student_topm: int = setting(100, min=1)
+    kd_ratio: float = setting(1.0, min=0.0, max=1.0)  # 1 = pure KD (released run)
+    temperature: float = setting(1.0, above=0)
+    tail_bucket: bool = False
 
+
+@dataclass
+class CKDTrainConfig(TrainConfig):
+    out_dir: str = setting("runs/ckd", path=True)
+    lr: float = setting(3e-6, above=0)
+    weight_decay: float = setting(1e-4, min=0)
+    batch_size: int = setting(128, min=1)    # sequences per optimizer step
+    epochs: int = setting(1, min=1)          # max_steps (if set) stops earlier
+
+
+@dataclass
+class CKDRunConfig:
+    data: DataConfig = section(DataConfig)
+    teacher: TeacherConfig = section(TeacherConfig)
+    student: StudentConfig = section(StudentConfig)
+    ckd: CKDLossConfig = section(CKDLossConfig)
+    train: CKDTrainConfig = section(CKDTrainConfig)
+
+    def validate(self) -> "CKDRunConfig":
+        enforce(self, [
+            (self.data.path, "data.path must name a STAR jsonl file"),
+            (self.train.batch_size % max(1, self.train.micro_batch_size) == 0,
+             "train.batch_size must be a multiple of train.micro_batch_size"),
+        ], {"teacher": self.teacher.model, "student": self.student.model})
+        return self
+
+
+# ---------------------------------------------------------------- the stage
+
+class CKDStage:
+    """One optimizer step = the schedule's batch of examples, in micro-batches."""
+
+    name = "ckd"
+
+    def __init__(self, cfg: CKDRunConfig, examples, cache: TeacherCache, digest: str,
+                 pad_id: int, device):
+        self.cfg, self.examples, self.cache = cfg, examples, cache
+        self.pad_id, self.device = pad_id, device
+        t = cfg.train
+        self.schedule = BatchSchedule(len(examples), t.batch_size, t.epochs, t.seed)
+        self.total_steps = self.schedule.total_steps
+        self.run_key = {"data_fingerprint": digest, "batch_size": t.batch_size,
+                        "epochs": t.epochs, "seed": t.seed}
+        c = cfg.ckd
+        self.loss_options = dict(
+            tail_coef=c.tail_coef, student_topm=c.student_topm, kd_ratio=c.kd_ratio,
+            temperature=c.temperature, tail_bucket=c.tail_bucket, reduction="sum")
+        self._step = 0
+
+    def plan_step(self, step: int) -> StepPlan:
+        self._step = step
+        indices = self.schedule.batch(step)
+        micro = self.cfg.train.micro_batch_size
+        groups = [indices[i:i + micro] for i in range(0, len(indices), micro)]
+        # A micro-batch without target tokens (every answer masked) adds nothing.
+        groups = [g for g in groups if sum(self.cache.num_targets(i) for i in g)]
+        return StepPlan(groups, sum(self.cache.num_targets(i) for i in indices),
+                        {"examples": indices})
+
+    def micro_loss(self, model, indices):
+        batch = example_batch([self.examples[i] for i in indices], self.pad_id)
+        t_ids, t_logprobs = (torch.cat(parts).to(self.device)
+                             for parts in zip(*(self.cache[i] for i in indices)))
+        rows, targets, weight, bias = predicting_rows(model, batch, self.device)
+        labels = targets if self.cfg.ckd.kd_ratio < 1.0 else None
+        loss = sk.fused_linear_ckd_loss(rows, weight, t_ids, t_logprobs, bias=bias,
+                                        labels=labels, **self.loss_options)
+        return loss, {}
+
+    def state(self) -> dict:
+        return {"examples_seen": (self._step + 1) * self.cfg.train.batch_size}
+
+    def restore(self, state: dict) -> None:
+        pass  # the schedule is a pure function of the step
+
+    def describe(self, record: dict) -> str:
+        return (f"ckd loss {record['loss']:.4f}  tokens {record['tokens']}  "
+                f"grad norm {record['grad_norm']:.3f}")
+
+
+def prepare_teacher_cache(cfg: CKDRunConfig, examples, digest: str, out, pad_id: int,
+                          log) -> TeacherCache:
+    """The teacher's top-k for every target token, built once (resumable) and then read."""
     cache_dir = out / "teacher_cache"
-    # A cache built for another teacher, k or data is refused, complete or not.
-    pin_cache_settings(cache_dir, cache_settings(
-        k=cfg.teacher.k, teacher_name=_teacher_name(cfg), fingerprint=digest,
-        num_examples=len(examples), shard_size=cfg.teacher.shard_size))
+    settings = cache_settings(k=cfg.teacher.k, teacher_name=model_name(cfg.teacher.model),
+                              fingerprint=digest, num_examples=len(examples),
+                              shard_size=cfg.teacher.shard_size)
+    pin_cache_settings(cache_dir, settings)  # a cache for another teacher, k or data: refused
     if not cache_is_complete(cache_dir):
         t0 = time.perf_counter()
-        teacher = load_model(cfg.teacher.model, compute_dtype, device)
+        teacher = load_model(cfg.teacher.model, DTYPES[cfg.train.dtype],
+                             resolve_device(cfg.train.device))
         build_teacher_cache(teacher, examples, cache_dir, k=cfg.teacher.k,
                             batch_size=cfg.teacher.batch_size, shard_size=cfg.teacher.shard_size,
-                            fingerprint=digest, teacher_name=_teacher_name(cfg), pad_id=pad_id)
+                            fingerprint=digest, teacher_name=settings["teacher"], pad_id=pad_id)
         del teacher
         gc.collect()  # HF models can sit in reference cycles: free the teacher now
         log(f"teacher top-{cfg.teacher.k} cache built in {time.perf_counter() - t0:.1f}s")
-    cache = TeacherCache(cache_dir, fingerprint=digest)
+    return TeacherCache(cache_dir, fingerprint=digest)
 
-    student = load_model(cfg.student.model, torch.float32, device)
-    if student.config.vocab_size < len(tokenizer):
-        raise ValueError(f"student vocab_size {student.config.vocab_size} is smaller than the "
-                         f"tokenizer's {len(tokenizer)} tokens")
-    if cfg.student.gradient_checkpointing:
-        enable_gradient_checkpointing(student)
-    student.train()
-    optimizer, scheduler = optimizer_and_scheduler(student, cfg.train)
-    schedule = BatchSchedule(len(examples), cfg.train.batch_size, cfg.train.epochs,
-                             cfg.train.seed)
-    total = schedule.total_steps
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
 
-    run_key = {"data_fingerprint": digest, "batch_size": cfg.train.batch_size,
-               "epochs": cfg.train.epochs, "seed": cfg.train.seed}
-    ckpt_root, log_path = out / "checkpoints", out / "train_log.jsonl"
-    start = 0
-    if (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        start = load_checkpoint(ckpt, student, optimizer, scheduler, run=run_key)["step"]
-        log(f"resumed from {ckpt} at step {start}")
-    truncate_log(log_path, start)
+def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -> dict:
+    """Run (or resume) the CKD stage; returns a summary. ``on_step_end(step, report)`` is
+    called after each optimizer step (and its checkpoint, if one was due)."""
+    cfg.validate()
+    if tokenizer is None:
+        from ..chat.tokenizer import qwen3_tokenizer
 
-    c = cfg.ckd
-    ckd_kwargs = dict(tail_coef=c.tail_coef, student_topm=c.student_topm, kd_ratio=c.kd_ratio,
-                      temperature=c.temperature, tail_bucket=c.tail_bucket, reduction="sum")
-    autocast = (torch.autocast(device.type, dtype=compute_dtype)
-                if compute_dtype != torch.float32 else nullcontext())
-    micro = cfg.train.micro_batch_size
-    loss_value = math.nan
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        indices = schedule.batch(step)
-        num_tokens = sum(cache.num_targets(i) for i in indices)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for first in range(0, len(indices), micro):
-            group = indices[first:first + micro]
-            if sum(cache.num_targets(i) for i in group) == 0:
-                continue
-            batch = collate([examples[i] for i in group], pad_id)
-            t_ids, t_logprobs = (torch.cat(parts).to(device)
-                                 for parts in zip(*(cache[i] for i in group)))
-            with autocast:
-                hidden, weight, bias = hidden_states(student, batch["input_ids"].to(device),
-                                                     batch["attention_mask"].to(device))
-                dtype = fused_op_dtype(hidden)
-            # One dtype for the fused op; the casts pass the gradients back to fp32.
-            rows = target_hidden(hidden, batch["target_mask"]).to(dtype)
-            weight = weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-            labels = None
-            if c.kd_ratio < 1.0:
-                labels = batch["labels"][:, 1:][batch["target_mask"][:, 1:]].to(device)
-            loss = sk.fused_linear_ckd_loss(rows, weight, t_ids, t_logprobs, bias=bias,
-                                            labels=labels, **ckd_kwargs)
-            (loss / num_tokens).backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        loss_value = loss_sum / max(num_tokens, 1)
-        append_log(log_path, {"step": done, "loss": loss_value, "tokens": num_tokens,
-                        "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                        "examples": indices, "seconds": round(time.perf_counter() - t0, 3)})
-        if done % cfg.train.log_every == 0 or done == total:
-            log(f"step {done}/{total}  ckd loss {loss_value:.4f}  tokens {num_tokens}  "
-                f"grad norm {float(grad_norm):.3f}")
-        if done % cfg.train.save_every == 0 or done == total:
-            save_checkpoint(ckpt_root, done, student, optimizer, scheduler,
-                            {"examples_seen": done * cfg.train.batch_size, "run": run_key},
-                            keep=cfg.train.keep_checkpoints)
-        if on_step_end is not None:
-            on_step_end(done)
+        tokenizer = qwen3_tokenizer()
+    out = open_run(cfg.train.out_dir, cfg)
+    examples = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length,
+                             limit=cfg.data.limit, log=log)
+    digest = fingerprint(examples)
+    log(f"{len(examples)} examples, {sum(e.num_targets for e in examples)} target tokens")
+    cache = prepare_teacher_cache(cfg, examples, digest, out, tokenizer.pad_token_id, log)
 
-    final = out / "final"
-    student.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    log(f"saved the student to {final}")
-    return {"steps": total, "start_step": start, "final_loss": loss_value, "model_dir": str(final)}
+    trainer = Trainer(cfg.train, cfg.student.model, out, tokenizer=tokenizer,
+                      gradient_checkpointing=cfg.student.gradient_checkpointing, log=log)
+    stage = CKDStage(cfg, examples, cache, digest, tokenizer.pad_token_id, trainer.device)
+    return trainer.fit(stage, on_step_end)

@@ -17,27 +17,72 @@ shards in order) and ``summary.json`` are written at the end.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from tqdm import tqdm
 
-from .checkpoint import pin_settings
-from .config import RolloutRunConfig, config_to_dict
-from .models import DTYPES, load_model, resolve_device
-from .reward import parse_response, similarity_reward
-from .simrl import (END_OF_TURN, THINK_OPEN, generate_completions, load_prompts,
-                    prompts_fingerprint)
+from ..chat.qwen3 import parse_response
+from ..data.prompts import load_prompts, prompts_fingerprint
+from ..data.records import load_records
+from ..runtime.config import ModelSpec, config_to_dict, enforce, section, setting
+from ..runtime.generation import derived_seed
+from ..runtime.models import DTYPES, autocast, load_model, model_name, resolve_device
+from ..runtime.run_folder import open_run, pin_settings, write_atomic
+from .sampling import sample_and_score
+
+# ---------------------------------------------------------------- config
+# Defaults: STAR's n = 8 rollouts per seed prompt; the sampling temperature and the
+# keep rule are not given in shared/STAR.md (ours: temperature 1.0, keep completions
+# whose similarity reward against the seed's reference is at least 1.0, i.e. exact).
+
+@dataclass
+class RolloutDataConfig:
+    path: str = setting("", path=True)   # seed records, STAR jsonl (last message = reference)
+    max_prompt_length: int = setting(5120, min=1)  # longer prompts are skipped (counted)
+    limit: int = setting(0, min=0)
 
 
-def _shard_seed(seed: int, shard: int, chunk: int) -> int:
-    key = f"rollouts/{seed}/{shard}/{chunk}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+@dataclass
+class RolloutTeacherConfig:
+    model: ModelSpec = section(ModelSpec)
 
+
+@dataclass
+class RolloutSamplingConfig:
+    num_samples: int = setting(8, min=1)
+    temperature: float = setting(1.0, above=0)
+    max_new_tokens: int = setting(512, min=1)
+    generate_batch_prompts: int = setting(4, min=1)
+    min_reward: float = setting(1.0, min=-1.0, max=1.0)  # keep a rollout scoring >= this
+    dedupe: bool = True             # keep identical kept completions of one prompt once
+
+
+@dataclass
+class RolloutOutputConfig:
+    out_dir: str = setting("runs/rollouts", path=True)  # shards, rollouts.jsonl, summary.json
+    shard_size: int = setting(64, min=1)  # seed prompts per shard (the unit of resumption)
+    dtype: str = setting("bfloat16", choices=("bfloat16", "float32"))
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class RolloutRunConfig:
+    data: RolloutDataConfig = section(RolloutDataConfig)
+    teacher: RolloutTeacherConfig = section(RolloutTeacherConfig)
+    sampling: RolloutSamplingConfig = section(RolloutSamplingConfig)
+    output: RolloutOutputConfig = section(RolloutOutputConfig)
+
+    def validate(self) -> "RolloutRunConfig":
+        enforce(self, [(self.data.path, "data.path must name a STAR jsonl file")],
+                {"teacher": self.teacher.model})
+        return self
+
+
+# ---------------------------------------------------------------- the stage
 
 def answer_message(text: str) -> dict:
     """The assistant message of a well-formed response (``"<think>..."`` included)."""
@@ -52,12 +97,13 @@ def answer_message(text: str) -> dict:
     return message
 
 
-def _shard_records(records, prompts, texts_by_prompt, rewards_by_prompt, cfg) -> list[dict]:
+def _shard_records(records, scored, cfg) -> list[dict]:
     out = []
-    for prompt, texts, rewards in zip(prompts, texts_by_prompt, rewards_by_prompt):
+    for samples in scored:
+        prompt = samples.prompt
         seed_record = records[prompt.record_position]
         seen = set()
-        for sample, (text, reward) in enumerate(zip(texts, rewards)):
+        for sample, (text, reward) in enumerate(zip(samples.texts, samples.rewards)):
             if reward < cfg.sampling.min_reward:
                 continue
             if parse_response(text).error:  # reward -1, passes only min_reward = -1
@@ -73,18 +119,10 @@ def _shard_records(records, prompts, texts_by_prompt, rewards_by_prompt, cfg) ->
     return out
 
 
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_run(out: Path, cfg: RolloutRunConfig, prompts) -> None:
     """Shards written under other settings must not be mixed into this run's output."""
-    spec = cfg.teacher.model
     run = {"prompts_fingerprint": prompts_fingerprint(prompts),
-           "teacher": spec.path or json.dumps({"config": spec.config, "seed": spec.seed},
-                                              sort_keys=True),
+           "teacher": model_name(cfg.teacher.model),
            "shard_size": cfg.output.shard_size, "seed": cfg.output.seed,
            # every sampling knob, generate_batch_prompts too: it sets the seeded chunks
            **{f"sampling.{k}": v for k, v in config_to_dict(cfg)["sampling"].items()}}
@@ -94,13 +132,11 @@ def _check_run(out: Path, cfg: RolloutRunConfig, prompts) -> None:
 def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
     """Generate (or finish generating) the teacher rollouts; returns the summary."""
     cfg.validate()
-    from .data import load_records
-    from .tokenizer import qwen3_tokenizer
+    if tokenizer is None:
+        from ..chat.tokenizer import qwen3_tokenizer
 
-    tokenizer = tokenizer or qwen3_tokenizer()
-    out = Path(cfg.output.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+        tokenizer = qwen3_tokenizer()
+    out = open_run(cfg.output.out_dir, cfg)
     records = load_records(cfg.data.path, cfg.data.limit)
     prompts, skipped = load_prompts(records, cfg.data.max_prompt_length, tokenizer)
     log(f"{len(prompts)} seed prompts; skipped {skipped} longer than "
@@ -109,48 +145,39 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
 
     device = resolve_device(cfg.output.device)
     dtype = DTYPES[cfg.output.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     teacher = None
-    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     s = cfg.sampling
     size = cfg.output.shard_size
-    shard_paths = []
-    for shard, first in enumerate(range(0, len(prompts), size)):
-        path = out / f"shard-{shard:05d}.jsonl"
-        shard_paths.append(path)
+    shard_paths = [out / f"shard-{shard:05d}.jsonl" for shard in range(-(-len(prompts) // size))]
+    done = sum(len(prompts[i * size:(i + 1) * size]) for i, p in enumerate(shard_paths)
+               if p.exists())
+    bar = tqdm(total=len(prompts), initial=done, desc="teacher rollouts", unit="prompt",
+               mininterval=2)
+    for shard, (first, path) in enumerate(zip(range(0, len(prompts), size), shard_paths)):
         if path.exists():
             continue
         if teacher is None:
             teacher = load_model(cfg.teacher.model, dtype, device)  # sampling only: no fp32 master
         t0 = time.perf_counter()
-        members = prompts[first:first + size]
-        texts, rewards = [], []
-        for chunk, start in enumerate(range(0, len(members), s.generate_batch_prompts)):
-            group = members[start:start + s.generate_batch_prompts]
-            sampled = generate_completions(
-                teacher, [p.ids for p in group], s.num_samples,
-                seed=_shard_seed(cfg.output.seed, shard, chunk), temperature=s.temperature,
-                max_new_tokens=s.max_new_tokens, eos_id=eos_id, pad_id=tokenizer.pad_token_id,
-                autocast=autocast)
-            for prompt, completions in zip(group, sampled):
-                decoded = [THINK_OPEN + tokenizer.decode(c.tolist(), skip_special_tokens=False)
-                           for c in completions]
-                texts.append(decoded)
-                rewards.append([float(similarity_reward(t, prompt.reference, prompt.tools))
-                                for t in decoded])
-        kept = _shard_records(records, members, texts, rewards, cfg)
-        stats = {"shard": shard, "prompts": len(members),
-                 "samples": sum(len(r) for r in rewards),
-                 "mean_reward": sum(map(sum, rewards)) / max(1, sum(len(r) for r in rewards)),
+        scored = sample_and_score(
+            teacher, tokenizer, prompts[first:first + size], num_samples=s.num_samples,
+            chunk_prompts=s.generate_batch_prompts,
+            seed_of=lambda chunk: derived_seed("rollouts", cfg.output.seed, shard, chunk),
+            temperature=s.temperature, max_new_tokens=s.max_new_tokens,
+            autocast=autocast(device, dtype), progress=bar)
+        kept = _shard_records(records, scored, cfg)
+        rewards = [r for samples in scored for r in samples.rewards]
+        stats = {"shard": shard, "prompts": len(scored), "samples": len(rewards),
+                 "mean_reward": sum(rewards) / max(1, len(rewards)),
                  "kept": len(kept), "seconds": round(time.perf_counter() - t0, 2)}
         # The records file marks the shard done (resume skips it), so it goes last.
-        _write_atomic(path.with_suffix(".stats.json"), json.dumps(stats))
-        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(path.with_suffix(".stats.json"), json.dumps(stats))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"shard {shard}: {stats['kept']} rollouts kept of {stats['samples']} "
             f"(mean reward {stats['mean_reward']:.3f}, {stats['seconds']}s)")
+    bar.close()
 
-    merged = "".join(p.read_text() for p in shard_paths)
-    _write_atomic(out / "rollouts.jsonl", merged)
+    write_atomic(out / "rollouts.jsonl", "".join(p.read_text() for p in shard_paths))
     shard_stats = [json.loads(p.with_suffix(".stats.json").read_text()) for p in shard_paths]
     samples = sum(st["samples"] for st in shard_stats)
     summary = {"seed_prompts": len(prompts), "skipped_prompts": skipped, "samples": samples,

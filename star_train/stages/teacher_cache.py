@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import star_kernels as sk
-from star_kernels.hf import hidden_states
 
-from .checkpoint import pin_settings
-from .examples import Example, collate, target_hidden
+from ..data.examples import Example, example_batch
+from ..runtime.models import predicting_rows
+from ..runtime.run_folder import pin_settings
 
 
 def _shard_path(directory: Path, shard: int) -> Path:
@@ -48,7 +49,7 @@ def pin_cache_settings(directory: Path, settings: dict) -> None:
 @torch.no_grad()
 def build_teacher_cache(teacher, examples: list[Example], directory: str | Path, *, k: int,
                         batch_size: int, shard_size: int, fingerprint: str, teacher_name: str,
-                        pad_id: int, progress=None) -> Path:
+                        pad_id: int) -> Path:
     """Fill ``directory`` with the teacher's top-k for every target token of ``examples``."""
     directory = Path(directory)
     pin_cache_settings(directory, cache_settings(
@@ -56,6 +57,10 @@ def build_teacher_cache(teacher, examples: list[Example], directory: str | Path,
         shard_size=shard_size))
     device = next(teacher.parameters()).device
     teacher.eval()
+    done = sum(len(examples[s:s + shard_size]) for s in range(0, len(examples), shard_size)
+               if _shard_path(directory, s // shard_size).exists())
+    bar = tqdm(total=len(examples), initial=done, desc="teacher top-k cache", unit="example",
+               mininterval=2)
     for shard, start in enumerate(range(0, len(examples), shard_size)):
         path = _shard_path(directory, shard)
         if path.exists():
@@ -64,17 +69,13 @@ def build_teacher_cache(teacher, examples: list[Example], directory: str | Path,
         ids, logprobs, counts = [], [], []
         for first in range(0, len(members), batch_size):
             group = members[first:first + batch_size]
-            batch = collate(group, pad_id)
-            hidden, weight, bias = hidden_states(teacher, batch["input_ids"].to(device),
-                                                 batch["attention_mask"].to(device))
-            rows = target_hidden(hidden, batch["target_mask"])
+            rows, _, weight, bias = predicting_rows(teacher, example_batch(group, pad_id), device)
             if rows.shape[0]:
                 top_ids, top_logprobs = sk.fused_linear_topk_logprobs(rows, weight, k, bias=bias)
                 ids.append(top_ids.to("cpu", torch.int32))
                 logprobs.append(top_logprobs.to("cpu", torch.float32))
             counts.extend(ex.num_targets for ex in group)
-            if progress is not None:
-                progress(len(group))
+            bar.update(len(group))
         offsets = torch.zeros(len(members) + 1, dtype=torch.long)
         offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
         tensors = {
@@ -85,6 +86,7 @@ def build_teacher_cache(teacher, examples: list[Example], directory: str | Path,
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
+    bar.close()
     return directory
 
 

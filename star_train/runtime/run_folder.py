@@ -1,0 +1,49 @@
+"""A run's folder: its recorded config, settings pins and atomic file writes.
+
+A pin records the settings that output was made under (``meta.json`` of a teacher cache,
+``run.json`` of rollouts) on first use and refuses other settings afterwards, so output
+made under one set of settings is never mixed with or reused for another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import config_to_dict
+
+
+def open_run(out_dir: str | Path, cfg) -> Path:
+    """Create ``out_dir`` and record the run's full config in it (``config.json``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name and rename it into place: a reader (or a
+    resumed run) sees the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def describe_changes(saved: dict, current: dict) -> str:
+    """``"key: old -> new, ..."`` for the keys of ``current`` whose saved value differs."""
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+
+
+def pin_settings(path: Path, settings: dict, owner: str, remedy: str) -> None:
+    """Record ``settings`` at ``path`` on first use; afterwards refuse other ones."""
+    path = Path(path)
+    if path.exists():
+        changes = describe_changes(json.loads(path.read_text()), settings)
+        if changes:
+            raise ValueError(f"{owner} was made with other settings ({changes}); {remedy}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(settings, indent=1))

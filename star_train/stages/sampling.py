@@ -1,0 +1,56 @@
+"""Sample completions of RL prompts and score them: what teacher rollouts and Sim-RL share.
+
+Prompts go to ``generate`` in chunks of ``chunk_prompts`` (x ``num_samples`` sequences);
+chunk ``c`` is sampled with ``seed_of(c)``, so the caller decides how seeds follow the
+run's position and a resumed run re-samples identically. A completion is scored as the
+text the model wrote after the prompt's ``<think>\\n``: that opening plus the decoded ids,
+end-of-turn token included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..chat.qwen3 import END_OF_TURN, THINK_OPEN
+from ..data.prompts import RLPrompt
+from ..reward import similarity_reward
+from ..runtime.generation import sample_completions
+
+
+@dataclass
+class ScoredSamples:
+    prompt: RLPrompt
+    completions: list[torch.Tensor]   # int64 [L_i]: sampled ids, up to and with <|im_end|>
+    texts: list[str]                  # "<think>\n" + decoded completion: what was scored
+    rewards: list[float]
+
+
+def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: int,
+                     chunk_prompts: int, seed_of, temperature: float, max_new_tokens: int,
+                     autocast, progress=None) -> list[ScoredSamples]:
+    """``num_samples`` scored completions of each prompt, in the prompts' order.
+    ``progress`` (a tqdm bar) advances by the prompts of each finished chunk; without
+    one a bar for this call alone is shown while it runs."""
+    bar = progress or tqdm(total=len(prompts), desc="sampling", unit="prompt", leave=False,
+                           mininterval=2)
+    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    out = []
+    for chunk, first in enumerate(range(0, len(prompts), chunk_prompts)):
+        members = prompts[first:first + chunk_prompts]
+        sampled = sample_completions(
+            model, [p.ids for p in members], num_samples, seed=seed_of(chunk),
+            temperature=temperature, max_new_tokens=max_new_tokens, eos_id=eos_id,
+            pad_id=tokenizer.pad_token_id, autocast=autocast)
+        for prompt, completions in zip(members, sampled):
+            texts = [THINK_OPEN + tokenizer.decode(c.tolist(), skip_special_tokens=False)
+                     for c in completions]
+            rewards = [float(similarity_reward(t, prompt.reference, prompt.tools))
+                       for t in texts]
+            out.append(ScoredSamples(prompt, completions, texts, rewards))
+        bar.update(len(members))
+    if progress is None:
+        bar.close()
+    return out
