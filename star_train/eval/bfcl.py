@@ -391,11 +391,13 @@ def evaluate(model=None, tokenizer=None, categories=CATEGORIES, limit: int | Non
              results_path: str | Path | None = None) -> dict:
     """Run BFCL v3 single-turn categories and score them with BFCL's rules.
 
-    Give either ``model`` and ``tokenizer`` (a Hugging Face causal LM and the Qwen3
-    tokenizer: greedy decoding, ``max_new_tokens``, ``batch_size`` prompts per generate
-    call) or ``generate_fn(prompts) -> completions`` (called once per category with all
-    its prompts; each completion is the text after the prompt, which ends in
-    ``<think>\\n``). ``limit``: only the first ``limit`` samples of each category.
+    (``runner.run_bfcl`` runs every category, resumably, with BFCL's overall.)
+    Give either ``model`` and ``tokenizer`` (a Hugging Face causal LM and the tokenizer
+    that encodes the Qwen3-format prompt text: the Qwen3 one, or a non-Qwen model's own;
+    greedy decoding, ``max_new_tokens``, ``batch_size`` prompts per generate call) or
+    ``generate_fn(prompts) -> completions`` (called once per category with all its
+    prompts; each completion is the text after the prompt, which ends in ``<think>\\n``).
+    ``limit``: only the first ``limit`` samples of each category.
     ``results_path``: also write one JSON line per sample (see ``score_completion``).
 
     Returns ``{"source": bfcl_source(...), "categories": {name: {"accuracy", "correct",
