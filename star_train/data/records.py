@@ -164,13 +164,19 @@ def _check_parameters(field, parameters):
             raise _FieldError(f"{specs_field}.{name}", "expected a parameter spec object")
 
 
-def build_example(record):
+def build_example(record, fmt=None):
     """STAR training pair (prompt, target); prompt + target == render_chat(all messages, tools).
 
     prompt: every message but the last, tools, generation prompt and "<think>\\n";
     target: the last assistant message from its reasoning to "</think>", calls and "<|im_end|>\\n".
+    ``fmt``: another tool-call format or layout (a ``chat.formats`` format or its name, or a
+    ``chat.templates.ChatRenderer``); None (the default) is the Qwen3 rendering above.
     """
     record = validate_record(record)
+    if fmt is not None:
+        from ..chat.templates import ChatRenderer, chat_renderer
+
+        return (fmt if isinstance(fmt, ChatRenderer) else chat_renderer(fmt=fmt)).example(record)
     messages, tools = record["messages"], record["tools"]
     prompt = render_prompt(messages[:-1], tools) + THINK_OPEN
     final_turn = render_assistant(messages[-1], after_last_query=True, is_last=True)
