@@ -1,13 +1,45 @@
 """The Sim-RL reward of STAR (see shared/STAR.md, "Sim-RL"), plus GRPO group helpers.
 
-Response format. ``response`` is the assistant text *including* its opening
-``<think>``: the rollout prompt ends with ``<think>\\n`` (generation prompt then
-``<think>``), so the rollout code prepends that to the sampled text before scoring.
-After the think block come either ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
-blocks (whitespace and newlines around the JSON allowed) or a text reply. One
-trailing ``<|im_end|>`` / ``<|endoftext|>`` (and whitespace) is stripped.
+Two rule sets, chosen by ``similarity_reward(..., rules=...)``:
 
-Rule decisions beyond STAR.md's text:
+``"released"`` (the default) computes what the released ``simrl.py`` of
+github.com/Qwen-Applications/STAR computes, on the same strings:
+
+* The response is the text as generated, from ``<think>`` on, end-of-turn token
+  included (the released code splits the decoded query at the last
+  ``<|im_start|>assistant\n``; so do we). The reference is rendered as the released
+  label: the Qwen3 template's rendering of the last message alone, header removed,
+  ``</think>`` put in front (``messages_to_trainset.py``). A text reference's reply is
+  therefore ``content<|im_end|>``, and so is a finished text response's.
+* Format: exactly one non-greedy ``<think>(.*?)</think>`` match (an extra ``<think>``
+  opening inside it is fine); the answer is what follows the last ``</think>``. When
+  the answer contains ``<tool_call>``, the calls are the complete
+  ``<tool_call>(.*?)</tool_call>`` blocks (an unclosed one is not found), each
+  ``json.loads`` (NaN allowed, a duplicated key keeps its last value) and read for
+  ``name`` and ``arguments`` (other keys ignored); there is then no reply.
+* Validity (-1): a call to a tool not in the list (a repeated name keeps its last
+  spec) or an argument the tool does not declare (the spec's ``properties`` when it
+  has a ``type`` and a ``properties`` dict, else the spec's own keys).
+* Values: two strings -> 1 if equal, 0 if either is blank, else ROUGE-L F (stemmed);
+  two of int/float/bool -> ``==`` (so ``True`` matches ``1``, NaN matches nothing);
+  anything else -> ``str(p) == str(r)`` (so ``[2.0, 4.0]`` is not ``[2, 4]``, nested
+  dicts compare in key order, and ``"10000.0"`` matches ``10000.0``).
+* Argument similarity: sum over shared keys / (predicted keys + reference keys not
+  predicted), 1 when both are empty. Calls: for each predicted call, the best (first of
+  equal maxima) still-unmatched reference call of the same name is credited and
+  removed; total / (predicted calls + reference calls left).
+* Text reference: 0 when the model calls tools or has no reply, else the text rule.
+* Where the released code raises after the format check (arguments that are a list
+  or a string which still passed the declaration check), we return -1.
+
+``"strict"`` is this project's earlier rule set, kept as an option (see
+``strict_similarity_reward``): one trailing end token stripped, exactly one
+``<think>`` and one ``</think>``, balanced tool-call tags, a call JSON with exactly
+``name`` and ``arguments`` and no duplicate keys or NaN, booleans apart from numbers,
+nested values compared as canonical JSON (key order and 1.0 vs 1 ignored), a repeated
+tool name accepting a call that fits any of its specs.
+
+Rule decisions of the strict set:
 
 * Format. Only whitespace may precede ``<think>``; exactly one ``<think>`` and one
   ``</think>``, in that order. Tool-call tags must pair up without nesting. Text
@@ -15,47 +47,48 @@ Rule decisions beyond STAR.md's text:
   calls), kept in ``reply`` and ignored when scoring calls.
 * A call's JSON must be an object with exactly the keys ``name`` (non-empty string)
   and ``arguments`` (an object), without duplicate keys and without NaN/Infinity.
-  Anything else counts as unparseable (-1): it is not what the template renders.
 * Validity (-1 for an unknown tool or undeclared argument) is checked before
   looking at the reference, so an invalid call scores -1 against a text reference too.
-  A tool name listed twice with different schemas (it happens in the example data)
-  accepts a call whose arguments all fit one of those schemas.
 * Text similarity (replies and string arguments): 1 if the two strings are
   identical after stripping surrounding whitespace, else 0 if either is empty after
-  stripping (so a whitespace-only reply scores 0 against a non-empty reference),
-  else ROUGE-L F with stemming. rouge_score's tokenizer lowercases and keeps only
-  ASCII letters and digits, so text without any (e.g. Chinese, or punctuation)
-  scores 0 unless identical.
-* Reference: ``tool_calls`` non-empty means a tool-call reference and its
-  ``content`` is ignored; otherwise ``content`` (None counts as "") is the text.
-  Reference arguments may be a dict or a JSON string holding an object
-  (missing, None or a blank string: no arguments).
-* Two calls with no arguments on either side have argument similarity 1 (the
-  formula's 0/0; the call is exactly right).
+  stripping, else ROUGE-L F with stemming. rouge_score's tokenizer lowercases and keeps
+  only ASCII letters and digits, so text without any scores 0 unless identical.
 * Values: two strings -> text similarity; two bools -> equality; two numbers
-  (int/float, not bool) -> numeric equality, so 1 and 1.0 match; anything else,
-  including nested lists/dicts and mixed types, -> equality of canonical string
-  forms: a string is itself, any other value is its JSON text with sorted keys and
-  integral floats written as ints. So {"a": 1, "b": 2} matches {"b": 2, "a": 1.0},
-  list order matters, nested values earn all or nothing, "5" matches 5, and 1
-  never matches True ("1" vs "true").
-* Greedy matching follows STAR.md literally: a predicted call is matched to the
-  best remaining same-name reference call even when that similarity is 0 (ties go
-  to the earlier reference call). The result can depend on the order of predicted
-  calls that share a name; with distinct names it does not.
+  (int/float, not bool) -> numeric equality; anything else -> equality of canonical
+  string forms (a string is itself, any other value its JSON text with sorted keys and
+  integral floats written as ints).
+
+Both sets: the reference's ``tool_calls`` non-empty means a tool-call reference (its
+``content`` ignored); two calls with no arguments on either side have argument
+similarity 1; greedy matching credits the best remaining same-name reference call even
+when that similarity is 0.
 """
+
 
 from __future__ import annotations
 
 import functools
 import json
 import math
+import re
+import struct
+from dataclasses import dataclass
 from typing import Any
 
-from .chat.qwen3 import ParsedResponse, parse_response  # noqa: F401  (ParsedResponse: public)
+from .chat.qwen3 import (  # noqa: F401  (ParsedResponse: public)
+    ASSISTANT_HEADER,
+    CALL_OPEN,
+    END_OF_TURN,
+    THINK_CLOSE_TAG,
+    THINK_OPEN_TAG,
+    ParsedResponse,
+    parse_response,
+)
 from .data.tools import call_is_declared, tools_by_name
 
 INVALID_REWARD = -1.0
+RULES = ("released", "strict")
+DEFAULT_RULES = "released"
 
 # ---------------------------------------------------------------- similarities
 
@@ -178,8 +211,8 @@ def reference_target(reference: Any) -> tuple[list[dict] | None, str]:
     return [_reference_call(call, i) for i, call in enumerate(raw_calls)], content
 
 
-def similarity_reward(response: str, reference: dict, tools: list) -> float:
-    """STAR's Sim-RL reward of one completion: -1 if invalid, else in [0, 1]."""
+def strict_similarity_reward(response: str, reference: dict, tools: list) -> float:
+    """The ``"strict"`` rule set (see the module doc): -1 if invalid, else in [0, 1]."""
     reference_calls, reference_text = reference_target(reference)
     tool_index = tools_by_name(tools)
     parsed = parse_response(response)
@@ -196,6 +229,218 @@ def similarity_reward(response: str, reference: dict, tools: list) -> float:
     return tool_call_similarity(predicted_calls, reference_calls)
 
 
+# ---------------------------------------------------------------- the released rules
+
+_THINK_BLOCK = re.compile(re.escape(THINK_OPEN_TAG) + r"(.*?)" + re.escape(THINK_CLOSE_TAG),
+                          re.DOTALL)
+_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ReleasedAnswer:
+    """A response or label read the released way: the think text, the calls found (each
+    ``{"name", "arguments"}`` exactly as decoded), and the reply (None when the answer
+    mentions ``<tool_call>``)."""
+
+    think: str
+    calls: list
+    reply: str | None
+
+
+def _released_answer(answer: str) -> tuple[list, str | None]:
+    if CALL_OPEN not in answer:
+        return [], answer
+    calls = []
+    for block in _CALL_BLOCK.findall(answer):
+        decoded = json.loads(block)  # a JSONDecodeError is a ValueError
+        try:
+            calls.append({"name": decoded["name"], "arguments": decoded["arguments"]})
+        except (KeyError, TypeError, IndexError):
+            raise ValueError("a tool call without name or arguments") from None
+    return calls, None
+
+
+def released_parse(text: str, *, open_think: bool = False) -> ReleasedAnswer:
+    """Read a generation as the released ``parse_generation``; ValueError when malformed.
+
+    ``open_think``: put ``<think>`` in front when the text has none, as the released
+    ``teacher_rollout.py`` does (its prompt leaves the opening to the teacher)."""
+    if open_think and THINK_OPEN_TAG not in text:
+        text = THINK_OPEN_TAG + text
+    thinks = _THINK_BLOCK.findall(text)
+    if len(thinks) != 1:
+        raise ValueError(f"expected one think block, found {len(thinks)}")
+    calls, reply = _released_answer(text.split(THINK_CLOSE_TAG)[-1].strip())
+    return ReleasedAnswer(thinks[0].strip(), calls, reply)
+
+
+def _label_call(call: dict) -> str:
+    if call.get("function"):
+        call = call["function"]
+    arguments = call.get("arguments", {})
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return f'<tool_call>\n{{"name": "{call.get("name")}", "arguments": {text}}}\n</tool_call>'
+
+
+def released_label(reference: dict) -> str:
+    """The released training label of an assistant message (``messages_to_trainset.py``
+    without reasoning): the Qwen3 template's rendering of that message alone (no think
+    block: no user query precedes it), header removed, ``</think>`` in front."""
+    content = reference.get("content")
+    content = content if isinstance(content, str) else ""
+    if not isinstance(reference.get("reasoning_content"), str) and THINK_CLOSE_TAG in content:
+        content = content.split(THINK_CLOSE_TAG)[-1].lstrip("\n")
+    text = ASSISTANT_HEADER + content
+    for position, call in enumerate(reference.get("tool_calls") or []):
+        text += ("\n" if position or content else "") + _label_call(call)
+    label = (text + END_OF_TURN + "\n").replace(ASSISTANT_HEADER, "")
+    if label.startswith(THINK_OPEN_TAG):
+        label = label[len(THINK_OPEN_TAG):]
+    return label if THINK_CLOSE_TAG in label else THINK_CLOSE_TAG + label
+
+
+def released_reference(reference: dict) -> tuple[list | None, str | None]:
+    """(calls, None) or (None, reply) of the released label; ValueError naming the
+    reference when the label cannot be read (the released code raises there too)."""
+    reference_target(reference)  # shape checks, with messages naming the field
+    label = released_label(reference)
+    parts = label.split(THINK_CLOSE_TAG)
+    if len(parts) != 2:
+        raise ValueError(f"reference: its label has {len(parts) - 1} {THINK_CLOSE_TAG}")
+    try:
+        calls, reply = _released_answer(parts[1].strip())
+    except ValueError as error:
+        raise ValueError(f"reference: a tool call of its label is unreadable ({error})") from None
+    for call in calls:
+        if not isinstance(call["arguments"], dict):
+            raise ValueError("reference: tool call arguments must be an object")
+    if calls:
+        return calls, None
+    if reply is None:  # the released code fails on such a label when the model replies
+        raise ValueError("reference: its label mentions <tool_call> but holds no call")
+    return None, reply
+
+
+def released_tool_table(tools: list) -> dict:
+    """Tool name -> declared parameters as the released ``extract_tools_from_prompt``
+    reads them: a spec with a ``type`` and a ``properties`` dict declares its properties,
+    any other spec its own keys; a repeated name keeps its last spec. (The OpenAI
+    wrapping is unwrapped as ``teacher_rollout.py`` does; missing parameters: none.)"""
+    table = {}
+    for tool in tools:
+        if "type" in tool and "function" in tool:
+            tool = tool["function"]
+        parameters = tool.get("parameters")
+        if parameters is None:
+            parameters = {}
+        if (isinstance(parameters, dict) and isinstance(parameters.get("properties"), dict)
+                and parameters.get("type") is not None):
+            parameters = parameters["properties"]
+        table[tool["name"]] = parameters
+    return table
+
+
+def released_calls_valid(calls: list, table: dict) -> bool:
+    """Every call names a tool of ``table`` and passes only declared arguments."""
+    try:
+        for call in calls:
+            if call["name"] not in table:
+                return False
+            declared = table[call["name"]]
+            if any(key not in declared for key in call["arguments"]):
+                return False
+    except Exception:  # unhashable names, arguments that are numbers or None: invalid
+        return False
+    return True
+
+
+def released_text_similarity(predicted: str, reference: str) -> float:
+    """1 if identical (not stripped), 0 if either is blank, else ROUGE-L F (stemmed)."""
+    if predicted == reference:
+        return 1.0
+    if not reference.strip() or not predicted.strip():
+        return 0.0
+    return _rouge_scorer().score(reference, predicted)["rougeL"].fmeasure
+
+
+def released_value_similarity(predicted: Any, reference: Any) -> float:
+    if isinstance(predicted, str) and isinstance(reference, str):
+        return released_text_similarity(predicted, reference)
+    scalar = (int, float, bool)
+    if isinstance(predicted, scalar) and isinstance(reference, scalar):
+        return float(predicted == reference)
+    return float(str(predicted) == str(reference))
+
+
+def released_argument_similarity(predicted, reference: dict) -> float:
+    left = dict(reference)
+    total = 0.0
+    for key in predicted:
+        if key in left:
+            total += released_value_similarity(predicted[key], left.pop(key))
+    union = len(predicted) + len(left)
+    return total / union if union > 0 else 1.0
+
+
+def released_call_similarity(predicted_calls: list, reference_calls: list) -> float:
+    buckets: dict = {}
+    for call in reference_calls:
+        buckets.setdefault(call["name"], []).append(call["arguments"])
+    credit = 0.0
+    for call in predicted_calls:
+        bucket = buckets.get(call["name"])
+        if not bucket:
+            continue
+        best, best_at = -1.0, 0
+        for position, arguments in enumerate(bucket):
+            similarity = released_argument_similarity(call["arguments"], arguments)
+            if similarity > best:
+                best, best_at = similarity, position
+        bucket.pop(best_at)
+        credit += best
+    union = sum(len(bucket) for bucket in buckets.values()) + len(predicted_calls)
+    return credit / union if union > 0 else 1.0
+
+
+def released_similarity_reward(response: str, reference: dict, tools: list) -> float:
+    """The ``"released"`` rule set (see the module doc): -1 if invalid, else in [0, 1]."""
+    if not isinstance(response, str):
+        raise ValueError(f"response must be a str, got {type(response).__name__}")
+    tools_by_name(tools)  # the spec checks, with messages naming the position
+    reference_calls, reference_reply = released_reference(reference)
+    try:
+        parsed = released_parse(response.split(ASSISTANT_HEADER)[-1])
+    except ValueError:
+        return INVALID_REWARD
+    if not released_calls_valid(parsed.calls, released_tool_table(tools)):
+        return INVALID_REWARD
+    if reference_calls:
+        if not parsed.calls:
+            return 0.0
+        try:
+            return float(released_call_similarity(parsed.calls, reference_calls))
+        except Exception:  # the released code raises here (e.g. list arguments)
+            return INVALID_REWARD
+    if not parsed.reply:
+        return 0.0
+    return float(released_text_similarity(parsed.reply, reference_reply))
+
+
+def similarity_reward(response: str, reference: dict, tools: list, *,
+                      rules: str = DEFAULT_RULES) -> float:
+    """STAR's Sim-RL reward of one completion: -1 if invalid, else in [0, 1].
+
+    ``response``: the generated text from ``<think>`` on (end-of-turn token included);
+    ``reference``: the record's last (assistant) message; ``rules``: ``"released"``
+    (the released ``simrl.py``) or ``"strict"`` (see the module doc).
+    """
+    if rules == "released":
+        return released_similarity_reward(response, reference, tools)
+    if rules == "strict":
+        return strict_similarity_reward(response, reference, tools)
+    raise ValueError(f"rules must be one of {RULES}, got {rules!r}")
+
+
 # ---------------------------------------------------------------- GRPO groups
 
 def _finite_rewards(rewards: Any) -> list[float]:
@@ -210,13 +455,13 @@ def _finite_rewards(rewards: Any) -> list[float]:
     return values
 
 
-def group_advantages(rewards, group_size: int, eps: float = 1e-6) -> list[float]:
+def group_advantages(rewards, group_size: int, eps: float = 1e-9) -> list[float]:
     """(r - group mean) / (group std + eps) for consecutive groups of ``group_size``.
 
-    The std is the sample std (n - 1 denominator): ``torch.std``'s default, which is
-    what common GRPO code computes (e.g. TRL's GRPOTrainer), so advantages agree with
-    those implementations. It needs ``group_size >= 2``. A group of equal rewards
-    gets all-zero advantages (eps keeps the division finite).
+    As released (OpenRLHF's ``group_norm`` advantage estimator): the std is the sample
+    std (n - 1 denominator, ``torch.std``'s default) and eps is 1e-9. It needs
+    ``group_size >= 2``. A group of equal rewards gets all-zero advantages.
+    The rewards are the rewards (-1 for a malformed answer), not the filter's scores.
     """
     values = _finite_rewards(rewards)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
@@ -234,8 +479,33 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-6) -> list[float]
     return advantages
 
 
-def keep_group(rewards) -> bool:
-    """Dynamic filter: keep a prompt group only if its mean reward is strictly in (0.01, 0.99)."""
+FILTERS = ("released", "reward_mean")
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def filter_score(reward: float) -> float:
+    """The released per-sample *score* the dynamic filter reads: 0 for a malformed
+    answer (reward -1), else the reward, rounded to float32 as the released tensor is."""
+    return 0.0 if reward == INVALID_REWARD else _float32(reward)
+
+
+def keep_group(rewards, *, rule: str = "released", low: float = 0.01, high: float = 0.99,
+               min_diff: float = 0.0) -> bool:
+    """Dynamic filter of one prompt group, given its rewards (-1 = malformed).
+
+    ``"released"`` (OpenRLHF's ``--dynamic_filtering`` as STAR patched and ran it, range
+    0.01 0.99, min diff 0): on the scores (``filter_score``), keep when
+    ``low + 1e-6 < mean < high - 1e-6`` and ``max - min > min_diff``.
+    ``"reward_mean"`` (this project's earlier rule): keep when ``low < mean reward < high``.
+    """
     values = _finite_rewards(rewards)
-    mean = sum(values) / len(values)
-    return 0.01 < mean < 0.99
+    if rule == "reward_mean":
+        return low < sum(values) / len(values) < high
+    if rule != "released":
+        raise ValueError(f"rule must be one of {FILTERS}, got {rule!r}")
+    scores = [filter_score(v) for v in values]
+    mean = sum(scores) / len(scores)
+    return low + 1e-6 < mean < high - 1e-6 and max(scores) - min(scores) > min_diff

@@ -1,7 +1,10 @@
 """Sim-RL reward (star_train/reward.py); the sweep over the example rows is in
-test_reward_sweep.py, the parser in test_parse_response.py, tool specs in test_tools.py.
+test_reward_sweep.py, the released rules against an oracle of the released code in
+test_reward_released.py, the parser in test_parse_response.py, tool specs in test_tools.py.
 
-Expected values are worked out by hand in comments so a reader can check them.
+Expected values are worked out by hand in comments so a reader can check them. The cases
+up to "GRPO helpers" are the ``"strict"`` rule set's; the released rules (the default)
+have their own hand-worked section at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-
 from star_train.data.tools import (
     call_is_declared,
     tools_by_name,
@@ -24,9 +26,18 @@ from star_train.reward import (
     group_advantages,
     keep_group,
     parse_response,
-    similarity_reward,
     text_similarity,
 )
+from star_train.reward import similarity_reward as reward_with_rules
+
+
+def similarity_reward(response, reference, tools):
+    """The ``"strict"`` rules, which the hand-worked cases below were written for."""
+    return reward_with_rules(response, reference, tools, rules="strict")
+
+
+def released(response, reference, tools):
+    return reward_with_rules(response, reference, tools)  # the default rules
 
 DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "star_example_messages.jsonl"
 
@@ -375,11 +386,147 @@ def test_group_advantages_sample_std():
 
 
 def test_keep_group_bounds_are_strict():
+    assert keep_group([1.0] + [0.0] * 7, rule="reward_mean")
+    assert keep_group([0.5, 0.5], rule="reward_mean")        # released: max == min -> False
+    assert not keep_group([0.5, 0.5], rule="reward_mean", low=0.5, high=0.6)
+    assert not keep_group([-1.0, 1.0, -1.0, 1.0, -1.0, -1.0], rule="reward_mean")  # mean -1/3
+    with pytest.raises(ValueError, match="rule"):
+        keep_group([0.5, 0.0], rule="mean")
+
+
+def test_keep_group_released_default_bounds():
     assert not keep_group([1.0] * 8)
     assert not keep_group([0.0] * 8)
-    assert not keep_group([-1.0, 1.0, -1.0, 1.0, -1.0, -1.0])  # mean -1/3
     assert keep_group([1.0] + [0.0] * 7)                       # mean 0.125
-    assert not keep_group([0.01, 0.01])                        # mean exactly 0.01
-    assert not keep_group([0.99, 0.99])                        # mean exactly 0.99
+    assert not keep_group([0.0, 0.02])                         # mean 0.01: not > 0.01 + 1e-6
+    assert keep_group([0.0, 0.020004])                         # mean 0.010002 > 0.010001
+    assert not keep_group([1.0, 0.98])                         # mean 0.99
+    assert keep_group([1.0, 0.979996])                         # mean 0.989998 < 0.989999
     assert keep_group([0.03, 0.0])                             # mean 0.015
     assert keep_group([0.5, 0.98])                             # mean 0.74
+
+
+# ------------------------------------------------------------ the released rules (default)
+
+EOT = "<|im_end|>"
+
+
+def test_released_is_the_default_and_rules_are_named():
+    unclosed = '<think>a</think><tool_call>{"name": "ping", "arguments": {}}'
+    assert reward_with_rules(unclosed, text_reference("hi"), TOOLS) == 0.0
+    assert reward_with_rules(unclosed, text_reference("hi"), TOOLS, rules="strict") == -1.0
+    with pytest.raises(ValueError, match="rules"):
+        reward_with_rules(unclosed, text_reference("hi"), TOOLS, rules="lenient")
+
+
+def test_released_format_cases_by_hand():
+    ping = call_reference(("ping", {}))
+    # Unclosed block: the call is not found; against calls the reward is 0 (no calls),
+    # against a text reference 0 too (the answer mentions <tool_call>: no reply).
+    unclosed = '<think>a</think><tool_call>{"name": "ping", "arguments": {}}' + EOT
+    assert released(unclosed, ping, TOOLS) == 0.0
+    # Two calls, the second unclosed: 1 exact / (1 predicted + 1 reference left) = 0.5.
+    two = call_reference(("ping", {}), ("f", {"a": "x"}))
+    partial = ('<think>a</think><tool_call>{"name": "ping", "arguments": {}}</tool_call>'
+               '<tool_call>{"name": "f", "arguments": {"a": "x"}}' + EOT)
+    assert released(partial, two, TOOLS) == 0.5
+    # An extra <think> opening inside the block is one non-greedy match: fine.
+    extra_open = render([("ping", {})]).replace("<think>", "<think>\n<think>") + EOT
+    assert released(extra_open, ping, TOOLS) == 1.0
+    # Two think blocks, or none closed: -1.
+    assert released("<think>a</think><think>b</think>" + EOT, ping, TOOLS) == -1.0
+    assert released("<think>a" + EOT, ping, TOOLS) == -1.0
+    # Extra keys in the call JSON are ignored; a duplicated "arguments" keeps the last.
+    extra = '<think>a</think><tool_call>{"name": "ping", "arguments": {}, "id": 1}</tool_call>'
+    assert released(extra + EOT, ping, TOOLS) == 1.0
+    dup = ('<think>a</think><tool_call>{"name": "f", "arguments": {"b": 1}, '
+           '"arguments": {"a": "x"}}</tool_call>' + EOT)
+    assert released(dup, call_reference(("f", {"a": "x"})), TOOLS) == 1.0
+    # Unknown tool or undeclared argument: -1; broken JSON: -1.
+    assert released(render([("nope", {})]), ping, TOOLS) == -1.0
+    assert released(render([("f", {"x": 1})]), ping, TOOLS) == -1.0
+    assert released('<think>a</think><tool_call>{nope}</tool_call>', ping, TOOLS) == -1.0
+    # Text before <think> is allowed; " hi" vs label reply "hi<|im_end|>": tokens [hi] vs
+    # [hi, im, end], P 1, R 1/3 -> F 0.5.
+    assert released("preamble <think>a</think> hi", text_reference("hi"), TOOLS) == 0.5
+
+
+def test_released_values_by_hand():
+    def score(predicted, reference, key="d"):
+        return released(render([("f", {key: predicted})]) + EOT,
+                        call_reference(("f", {key: reference})), TOOLS)
+
+    assert score(True, 1) == 1.0                    # int/float/bool: one numeric class
+    assert score(1, 1.0) == 1.0
+    assert score(math.nan, math.nan) == 0.0         # NaN == NaN is False
+    assert score([2.0, 4.0], [2, 4]) == 0.0         # "[2.0, 4.0]" != "[2, 4]"
+    assert score({"p": 1, "q": 2}, {"q": 2, "p": 1}) == 0.0  # str() keeps key order
+    assert score({"p": 1, "q": 2}, {"p": 1, "q": 2}) == 1.0
+    assert score("10000.0", 10000.0) == 1.0         # str(10000.0) == "10000.0"
+    assert score("10000", 10000.0) == 0.0
+    assert score("True", True) == 1.0               # str(True) == "True"
+    assert score("true", True) == 0.0
+    assert score(None, "None") == 1.0
+    assert score(" x", "x") == 1.0                  # not equal, not blank: ROUGE-L F = 1
+    assert score("", "") == 1.0 and score(" ", "x") == 0.0
+
+
+def test_released_text_replies_by_hand():
+    # A reference of 23 words: its label reply has 25 ROUGE tokens (+ "im", "end").
+    words = "the requested tools cannot do this so please share more details about what " \
+            "you want and when you want it done today okay"
+    assert len(words.split()) == 23
+    reference = text_reference(words)
+    # "No.<|im_end|>": tokens [no, im, end]; LCS 2 (im end): P 2/3, R 2/25 -> F 4/28 = 0.143.
+    assert released("<think>a</think>No." + EOT, reference, TOOLS) == pytest.approx(1 / 7)
+    # Empty reply: the answer is "<|im_end|>": [im, end]: P 1, R 2/25 -> F 4/27 = 0.148.
+    assert released("<think>a</think>\n\n" + EOT, reference, TOOLS) == pytest.approx(4 / 27)
+    assert released("<think>a</think>抱歉。" + EOT, reference, TOOLS) == pytest.approx(4 / 27)
+    # Identical with the end token: 1; without it (cut at max tokens) ROUGE on 23 of 25.
+    assert released("<think>a</think>" + words + EOT, reference, TOOLS) == 1.0
+    assert released("<think>a</think>" + words, reference, TOOLS) == pytest.approx(46 / 48)
+    # A reply with no text at all after </think> (no end token either): 0.
+    assert released("<think>a</think>  ", reference, TOOLS) == 0.0
+    # Calls against a text reference: 0.
+    assert released(render([("ping", {})]) + EOT, reference, TOOLS) == 0.0
+
+
+def test_released_repeated_tool_name_keeps_the_last_spec():
+    tools = [{"name": "search", "parameters": {"q": {"type": "str"}}},
+             {"name": "search", "parameters": {"type": "object", "properties": {"regex": {}}}}]
+    reference = call_reference(("search", {"regex": "x"}))
+    assert released(render([("search", {"regex": "x"})]), reference, tools) == 1.0
+    assert released(render([("search", {"q": "x"})]), reference, tools) == -1.0
+    # A JSON-schema without "type" declares its own keys (the released rule).
+    untyped = [{"name": "u", "parameters": {"properties": {"k": {}}}}]
+    assert released(render([("u", {"k": 1})]), call_reference(("u", {"k": 1})), untyped) == -1.0
+    assert released(render([("u", {})]), call_reference(("u", {})), untyped) == 1.0
+
+
+def test_released_bad_inputs_raise():
+    ok = render([("ping", {})])
+    with pytest.raises(ValueError, match="response"):
+        released(None, call_reference(("ping", {})), TOOLS)
+    with pytest.raises(ValueError, match="reference"):
+        released(ok, {"role": "user", "content": "hi"}, TOOLS)
+    with pytest.raises(ValueError, match=r"tools\[0\]"):
+        released(ok, call_reference(("ping", {})), [{"description": "no name"}])
+
+
+def test_group_advantages_released_epsilon():
+    # [1, 0, 0, 0]: mean 1/4, sample std 0.5 (see above): (1 - 1/4) / (0.5 + 1e-9).
+    assert group_advantages([1, 0, 0, 0], 4)[0] == 0.75 / (0.5 + 1e-9)
+    assert group_advantages([0.5, 0.5], 2) == [0.0, 0.0]
+
+
+def test_keep_group_released_scores_malformed_as_zero():
+    # Rewards [-1] * 7 + [1]: the reward mean is -0.75, the score mean 0.125: kept.
+    assert keep_group([-1.0] * 7 + [1.0])
+    assert not keep_group([-1.0] * 7 + [1.0], rule="reward_mean")
+    # Scores all 0 (malformed and wrong): mean 0, dropped.
+    assert not keep_group([-1.0, 0.0, -1.0, 0.0])
+    # Same score everywhere: max == min, dropped even with the mean inside.
+    assert not keep_group([0.5] * 8)
+    assert keep_group([0.5] * 7 + [0.6])
+    # min_diff: the spread must exceed it.
+    assert not keep_group([0.4, 0.6], min_diff=0.2 + 1e-6)

@@ -1,14 +1,14 @@
 """The similarity reward over the 1024 shared example rows: each reference's own calls score
-1, dropping or corrupting a call scores what the reward's formula gives by hand."""
+1, dropping or corrupting a call scores what the reward's formula gives by hand, under
+both rule sets (they agree on these cases)."""
 
 import json
 import re
 
 import pytest
+
+from star_train.reward import similarity_reward as reward_with_rules
 from test_reward import DATA_FILE, render
-
-from star_train.reward import similarity_reward
-
 
 
 def _load_rows():
@@ -46,7 +46,11 @@ def _corrupt_one_argument(calls):
     return corrupted, i, expected_value_similarity
 
 
-def test_sweep_example_rows():
+@pytest.mark.parametrize("rules", ["released", "strict"])
+def test_sweep_example_rows(rules):
+    def similarity_reward(response, reference, tools):
+        return reward_with_rules(response, reference, tools, rules=rules)
+
     rows = _load_rows()
     assert len(rows) == 1024
     checked_drop = checked_corrupt = zero_by_design = 0
