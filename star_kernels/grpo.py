@@ -12,7 +12,8 @@ import functools
 
 import torch
 
-from . import _backends, _validation as V
+from . import _backends
+from . import _validation as V
 from ._chunked import cast_operands, finish_grad, rows_per_chunk, run_chunks
 from ._config import GRPOOptions
 from .logprobs import check_logprob_args, run_options

@@ -232,7 +232,8 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, advantages, mask, old_logp
                                  temperature=temperature, bias=bias)
     if advantages.dim() == 1 and len(shape) == 2:
         advantages = advantages[:, None].expand(shape)
-    fill = (lambda t: None if t is None else torch.where(keep, t, 0.0).to(logp.dtype))
+    def fill(t):
+        return None if t is None else torch.where(keep, t, 0.0).to(logp.dtype)
     adv, old, ref = fill(advantages), fill(old_logprobs), fill(ref_logprobs)
     tok = torch.where(keep, grpo_token_losses(logp, adv, old, ref, clip_eps, kl_coef,
                                               kl_estimator), 0.0)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends, _validation as V
+from . import _backends
+from . import _validation as V
 from ._chunked import cast_operands, rows_per_chunk, run_chunks
 
 

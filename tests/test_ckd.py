@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import star_kernels as sk
-from star_kernels import reference
 from ckd_cases import make_problem
 from conftest import cpu_backends
+from star_kernels import reference
 
 BACKENDS = cpu_backends()
 # (N, H, V, K, m): odd sizes; the last has K = m = V.

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import star_kernels as sk
-from star_kernels import reference
 from conftest import cpu_backends
+from star_kernels import reference
 
 BACKENDS = cpu_backends()
 ESTIMATORS = ["k1", "k2", "k3"]
@@ -29,7 +29,8 @@ def problem(b=4, t=7, h=9, v=101, dtype=torch.float64, seed=0, bias=True):
     old = torch.where(mask, logp + 0.4 * torch.randn(b, t, generator=g, dtype=torch.float64), 0.0)
     ref = torch.where(mask, logp + 0.8 * torch.randn(b, t, generator=g, dtype=torch.float64), 0.0)
     adv = torch.randn(b, generator=g, dtype=torch.float64)
-    cast = (lambda x: None if x is None else x.to(dtype))
+    def cast(x):
+        return None if x is None else x.to(dtype)
     return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(bias_), token_ids=ids,
                 mask=mask, old_logprobs=old, ref_logprobs=ref, advantages=adv)
 

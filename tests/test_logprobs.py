@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import star_kernels as sk
-from star_kernels import reference
 from conftest import cpu_backends
+from star_kernels import reference
 
 BACKENDS = cpu_backends()
 SHAPES = [(37, 19, 301), (23, 8, 97), (5, 3, 7)]
@@ -17,7 +17,8 @@ def problem(n, h, v, dtype=torch.float64, seed=0, bias=True):
     weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5 * 2
     b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
     ids = torch.randint(0, v, (n,), generator=g)
-    cast = (lambda t: None if t is None else t.to(dtype))
+    def cast(t):
+        return None if t is None else t.to(dtype)
     return cast(hidden), cast(weight), cast(b), ids
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import star_kernels as sk
-from star_kernels import reference
 from ckd_cases import make_problem
 from conftest import cpu_backends
+from star_kernels import reference
 
 BACKENDS = cpu_backends()
 # (name, autocast dtype or None, hidden dtype, weight dtype, bias dtype)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import star_kernels as sk
-from star_kernels import _chunked, _validation, reference
 from ckd_cases import make_problem
 from conftest import cpu_backends
+from star_kernels import _chunked, _validation, reference
 
 BACKENDS = cpu_backends()
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")

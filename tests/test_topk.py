@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import star_kernels as sk
-from star_kernels import reference
 from conftest import cpu_backends
+from star_kernels import reference
 
 BACKENDS = cpu_backends()
 # (N, H, V, k): odd sizes; k = V and k = 1 included.
@@ -17,7 +17,8 @@ def problem(n, h, v, dtype=torch.float64, seed=0, bias=True):
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
     weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5 * 3
     b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
-    cast = (lambda t: None if t is None else t.to(dtype))
+    def cast(t):
+        return None if t is None else t.to(dtype)
     return cast(hidden), cast(weight), cast(b)
 
 
