@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from star_train.chat.qwen3 import render_prompt
 from star_train.data.records import build_example, load_records
 from star_train.demo import SAMPLE, tiny_qwen3
 from star_train.runtime.config import from_dict
@@ -13,6 +14,12 @@ from star_train.stages.rollouts import answer_message, run_rollouts
 
 
 def _config(tmp_path, **sampling):
+    """The earlier keep rule (reward >= min_reward) on <think>-ended prompts, which most
+    tests below exercise; the released defaults have their own tests at the end."""
+    return _released_config(tmp_path, **{"prompt": "think", "keep": "min_reward", **sampling})
+
+
+def _released_config(tmp_path, **sampling):
     return from_dict(rollouts.RolloutRunConfig, {
         "data": {"path": str(SAMPLE), "limit": 5},
         "teacher": {"model": tiny_qwen3(32, 1, seed=4)},
@@ -127,6 +134,9 @@ def test_cli_rollouts(tmp_path, monkeypatch):
 @pytest.mark.parametrize("section, values, match", [
     ("sampling", {"num_samples": 0}, "sampling.num_samples"),
     ("sampling", {"min_reward": 2.0}, "sampling.min_reward"),
+    ("sampling", {"keep": "all"}, "sampling.keep"),
+    ("sampling", {"prompt": "chatml"}, "sampling.prompt"),
+    ("sampling", {"reward_rules": "loose"}, "sampling.reward_rules"),
     ("output", {"shard_size": 0}, "output.shard_size"),
     ("output", {"batch": 3}, "batch"),
 ])
@@ -195,3 +205,98 @@ def test_rerun_with_other_settings_is_refused(tmp_path, tokenizer, monkeypatch):
         cfg = _config(tmp_path)
         cfg.output.shard_size = 3
         run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
+
+
+# ------------------------------------------------------------ the released keep rule
+
+TOOLS = [{"name": "f", "description": "", "parameters": {"type": "object",
+                                                         "properties": {"a": {}}}}]
+
+
+def test_released_message_rules_by_hand():
+    message = rollouts.released_message
+    call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    assert message("<think>\nplan\n</think>\n\n" + call + "<|im_end|>", TOOLS) == {
+        "role": "assistant", "content": None, "reasoning_content": "plan",
+        "tool_calls": [{"name": "f", "arguments": {"a": 1}}]}
+    # The released prompt leaves <think> to the teacher; without it one is put in front.
+    assert message("plan\n</think>\n\nHello.<|im_end|>", TOOLS) == {
+        "role": "assistant", "content": "Hello.", "reasoning_content": "plan",
+        "tool_calls": None}
+    # Content beside calls is dropped; an empty think is None; wrong values are kept
+    # (no correctness filter).
+    wrong = '<tool_call>\n{"name": "f", "arguments": {"a": "zzz"}}\n</tool_call>'
+    assert message("<think>\n\n</think>\n\nSure.\n" + wrong, TOOLS) == {
+        "role": "assistant", "content": None, "reasoning_content": None,
+        "tool_calls": [{"name": "f", "arguments": {"a": "zzz"}}]}
+    # An unclosed call is not found: kept as released, with neither content nor calls.
+    assert message('<think>\nx\n</think>\n\n<tool_call>\n{"name": "f"', TOOLS) == {
+        "role": "assistant", "content": None, "reasoning_content": "x", "tool_calls": None}
+    # Not format-valid: None.
+    for text in ("<think>a</think><think>b</think>hi", "<think>\nno close",
+                 "<think>a</think><tool_call>{bad}</tool_call>",
+                 '<think>a</think><tool_call>{"name": "g", "arguments": {}}</tool_call>',
+                 '<think>a</think><tool_call>{"name": "f", "arguments": {"b": 1}}</tool_call>',
+                 '<think>a</think><tool_call>{"name": "f"}</tool_call>'):
+        assert message(text, TOOLS) is None, text
+
+
+def _released_teacher(tokenizer, prompts_seen):
+    """Per released-form prompt: the reference answer, an unknown tool, a valid but wrong
+    answer and the reference answer again (the teacher opens its own think block)."""
+    records = {render_prompt(r["messages"][:-1], r["tools"]): r for r in load_records(SAMPLE)}
+
+    def generate(teacher, prompt_ids, num_samples, *, seed, **kwargs):
+        out = []
+        for ids in prompt_ids:
+            text = tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+            prompts_seen.append(text)
+            record = records[text]
+            right = "<think>\n" + build_example(record)[1].removesuffix("\n")
+            name = record["tools"][0]["name"]
+            unknown = '<think>\n</think>\n\n<tool_call>\n{"name": "nope", "arguments": {}}' \
+                      '\n</tool_call><|im_end|>'
+            wrong = ('<think>\nguess\n</think>\n\n<tool_call>\n{"name": "' + name
+                     + '", "arguments": {}}\n</tool_call><|im_end|>')
+            out.append([torch.tensor(tokenizer.encode(t, add_special_tokens=False))
+                        for t in (right, unknown, wrong, right)][:num_samples])
+        return out
+
+    return generate
+
+
+def test_released_defaults_keep_valid_deduplicated_answers(tmp_path, tokenizer, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sampling, "sample_completions", _released_teacher(tokenizer, seen))
+    cfg = _released_config(tmp_path, num_samples=4)
+    assert (cfg.sampling.keep, cfg.sampling.prompt, cfg.sampling.max_new_tokens) == \
+        ("valid", "released", 6)
+    summary = run_rollouts(cfg, tokenizer=tokenizer, log=lambda *_: None)
+    seeds = load_records(SAMPLE)[:5]
+    # The prompt is the released one: generation header, no <think>.
+    assert seen == [render_prompt(r["messages"][:-1], r["tools"]) for r in seeds]
+    assert all(text.endswith("<|im_start|>assistant\n") for text in seen)
+    # Per prompt: right (kept), unknown tool (invalid), wrong but valid (kept), right (dup).
+    assert summary["samples"] == 20 and summary["kept"] == 10
+    assert (summary["invalid"], summary["duplicates"], summary["prompts_without_rollout"]) == \
+        (5, 5, 0)
+    written = load_records(summary["rollouts"])
+    assert [r["id"] for r in written] == [f"{s['id']}/rollout-{k}" for s in seeds for k in (0, 2)]
+    for seed, right, wrong in zip(seeds, written[::2], written[1::2]):
+        assert build_example(right) == build_example(seed)   # the teacher's answer, as rendered
+        assert wrong["messages"][-1]["reasoning_content"] == "guess"
+        assert wrong["messages"][-1]["tool_calls"] == [
+            {"name": seed["tools"][0]["name"], "arguments": {}}]
+    # The earlier rule, on the same completions: only the exact answer (reward 1) is kept.
+    strict = _released_config(tmp_path / "b", num_samples=4, keep="min_reward")
+    summary = run_rollouts(strict, tokenizer=tokenizer, log=lambda *_: None)
+    assert summary["kept"] == 5 and summary["below_min_reward"] == 10
+
+
+def test_released_preset_values():
+    from star_train.runtime.config import load_config
+
+    cfg = load_config(rollouts.RolloutRunConfig, "rollouts-teacher-8b", {})
+    s = cfg.sampling
+    assert (s.num_samples, s.temperature, s.max_new_tokens) == (8, 1.0, 2048)
+    assert (s.keep, s.prompt, s.reward_rules, s.dedupe) == ("valid", "released", "released", True)

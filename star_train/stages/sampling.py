@@ -24,13 +24,14 @@ from ..runtime.generation import sample_completions
 class ScoredSamples:
     prompt: RLPrompt
     completions: list[torch.Tensor]   # int64 [L_i]: sampled ids, up to and with <|im_end|>
-    texts: list[str]                  # "<think>\n" + decoded completion: what was scored
+    texts: list[str]                  # text_prefix + decoded completion: what was scored
     rewards: list[float]
 
 
 def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: int,
                      chunk_prompts: int, seed_of, temperature: float, max_new_tokens: int,
-                     autocast, progress=None) -> list[ScoredSamples]:
+                     autocast, progress=None, text_prefix: str = THINK_OPEN,
+                     reward_rules: str | None = None) -> list[ScoredSamples]:
     """``num_samples`` scored completions of each prompt, in the prompts' order.
     ``progress`` (a tqdm bar) advances by the prompts of each finished chunk; without
     one a bar for this call alone is shown while it runs."""
@@ -45,9 +46,10 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: 
             temperature=temperature, max_new_tokens=max_new_tokens, eos_id=eos_id,
             pad_id=tokenizer.pad_token_id, autocast=autocast)
         for prompt, completions in zip(members, sampled):
-            texts = [THINK_OPEN + tokenizer.decode(c.tolist(), skip_special_tokens=False)
+            texts = [text_prefix + tokenizer.decode(c.tolist(), skip_special_tokens=False)
                      for c in completions]
-            rewards = [float(similarity_reward(t, prompt.reference, prompt.tools))
+            rules = {} if reward_rules is None else {"rules": reward_rules}
+            rewards = [float(similarity_reward(t, prompt.reference, prompt.tools, **rules))
                        for t in texts]
             out.append(ScoredSamples(prompt, completions, texts, rewards))
         bar.update(len(members))
