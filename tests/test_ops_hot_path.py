@@ -237,3 +237,37 @@ def test_grpo_mask_without_row_selection_where_syncs_are_forbidden(backend, agg,
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
         for key, value in exp_diag.items():
             torch.testing.assert_close(diag[key], value, rtol=tol, atol=tol, msg=key)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+def test_cuda_hot_path_has_no_sync_and_fp32_weight_grad():
+    """On a GPU: after the first (validating) call, a CKD step under bf16 autocast runs
+    with CUDA's sync debug mode set to error; the fp32 weight's gradient is fp32."""
+    p = make_problem(67, 64, 4099, 20, dtype=torch.float32)
+    p = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+    h, w = (p[k].clone().requires_grad_() for k in ("hidden", "weight"))
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sk.fused_linear_ckd_loss(h, w, p["ids"], p["logprobs"].float(),
+                                            student_topm=20, backend="triton")
+        loss.backward()
+        return loss
+
+    step()  # validates once, probes the fp32-output GEMM once
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    hr, wr = (p[k].double().requires_grad_() for k in ("hidden", "weight"))
+    exp = reference.fused_linear_ckd_loss(hr, wr, p["ids"], p["logprobs"], student_topm=20)
+    exp.backward()
+    assert abs(loss.item() - exp.item()) / abs(exp.item()) < 6e-2
+    assert ((w.grad.double() - wr.grad).norm() / wr.grad.norm()).item() < 6e-2
