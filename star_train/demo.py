@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from .chat.tokenizer import QWEN3_VOCAB_SIZE, qwen3_tokenizer
-from .data.examples import load_examples
 from .runtime.config import ModelSpec, from_dict
 from .runtime.models import load_model
-from .stages.ckd import CKDRunConfig, run_ckd
+from .stages.ckd import CKDRunConfig, load_ckd_examples, run_ckd
 
 SAMPLE = Path(__file__).resolve().parent / "assets" / "xlam_sample.jsonl"
 
@@ -71,7 +70,7 @@ def run(out_dir: str | None = None, steps: int = 0, seed: int = 0, keep_models: 
     unless ``keep_models``."""
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="star-demo-"))
     cfg = from_dict(CKDRunConfig, {
-        "data": {"path": str(SAMPLE), "max_length": 512},
+        "data": {"path": str(SAMPLE)},
         "teacher": {"model": {"path": _make_teacher(out / "teacher", seed)}, "k": 32,
                     "batch_size": 8},
         "student": {"model": tiny_qwen3(64, 2, seed + 1), "gradient_checkpointing": False},
@@ -84,7 +83,7 @@ def run(out_dir: str | None = None, steps: int = 0, seed: int = 0, keep_models: 
     summary = run_ckd(cfg, tokenizer=tokenizer, log=log)
 
     device = torch.device("cpu")
-    held = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length)[:8]
+    held = load_ckd_examples(cfg, tokenizer)[:8]
     teacher = load_model(cfg.teacher.model, torch.float32, device).eval()
     before = load_model(cfg.student.model, torch.float32, device).eval()
     after = load_model(ModelSpec(path=summary["model_dir"]), torch.float32, device).eval()

@@ -35,13 +35,14 @@ def run_config(tmp_path, teacher_dir):
     data = tmp_path / "data.jsonl"
     write_jsonl(data, weather_records())
     return lambda **train: from_dict(CKDRunConfig, {
-        "data": {"path": str(data), "max_length": 160},
+        "data": {"path": str(data), "max_length": 160, "format": "template"},
         "teacher": {"model": {"path": teacher_dir}, "k": 8, "batch_size": 3, "shard_size": 3},
         "student": {"model": tiny_qwen3(32, 1, 2), "gradient_checkpointing": False},
         "ckd": {"student_topm": 8},
         "train": {"out_dir": str(tmp_path / "run"), "lr": 1e-3, "batch_size": 2,
                   "micro_batch_size": 1, "dtype": "float32", "device": "cpu",
-                  "save_every": 2, "seed": 3, **train}})
+                  "save_every": 2, "seed": 3, "loss_normalization": "step_tokens",
+                  "lr_schedule": "constant", "warmup_ratio": 0.0, **train}})
 
 
 # --- config --------------------------------------------------------------------------
@@ -208,16 +209,20 @@ def test_teacher_cache_resumes_missing_shards_and_rejects_other_settings(run_con
 
 # --- training ---------------------------------------------------------------------------------
 
-def test_first_step_loss_is_the_full_logits_ckd(run_config, tokenizer):
+@pytest.mark.parametrize("normalization", ["step_tokens", "micro_batch"])
+def test_first_step_loss_is_the_full_logits_ckd(run_config, tokenizer, normalization):
     """The logged loss of step 1 (before any update) against the CKD formula evaluated on
-    the student's and teacher's full logits: checks target alignment end to end."""
-    cfg = run_config(max_steps=1, batch_size=2, micro_batch_size=1)
+    the student's and teacher's full logits: checks target alignment end to end. The step's
+    loss is the token mean over the step, or (released) the mean of the micro-batches'
+    token means (one example per micro-batch here)."""
+    cfg = run_config(max_steps=1, batch_size=2, micro_batch_size=1,
+                     loss_normalization=normalization)
     run_ckd(cfg, tokenizer=tokenizer, log=lambda *_: None)
     logged = log_lines(cfg.train.out_dir)[0]
     examples = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length)
     teacher = load_model(cfg.teacher.model, torch.float32, torch.device("cpu"))
     student = load_model(cfg.student.model, torch.float32, torch.device("cpu"))
-    total, count = 0.0, 0
+    total, count, means = 0.0, 0, []
     with torch.no_grad():
         for i in logged["examples"]:
             ex = examples[i]
@@ -231,8 +236,11 @@ def test_first_step_loss_is_the_full_logits_ckd(run_config, tokenizer):
             penalty = (q.gather(1, s_ids).exp() * mistakes).sum(-1)
             total += (fkl + 10.0 * penalty).sum().item()
             count += sel.sum().item()
+            means.append((fkl + 10.0 * penalty).mean().item())
     assert logged["tokens"] == count
-    assert logged["loss"] == pytest.approx(total / count, rel=1e-4)
+    want = total / count if normalization == "step_tokens" else sum(means) / len(means)
+    assert logged["loss"] == pytest.approx(want, rel=1e-4)
+    assert abs(total / count - sum(means) / len(means)) > 1e-3  # the two really differ
 
 
 def test_interrupted_run_resumes_exactly(run_config, tokenizer):

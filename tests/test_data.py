@@ -20,10 +20,12 @@ def reference():
     chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
     template = (DATA_DIR / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
 
-    def render(messages, tools=None, **template_kwargs):
+    def render(messages, tools=None, tool_style="bare", **template_kwargs):
         # apply_chat_template drops None-valued keys before rendering; do the same.
         messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
-        qwen_tools = [{"type": "function", "function": tool} for tool in tools] if tools else None
+        qwen_tools = tools or None
+        if tools and tool_style == "openai":
+            qwen_tools = [{"type": "function", "function": tool} for tool in tools]
         rendered, _ = chat_template_utils.render_jinja_template(
             conversations=[messages], tools=qwen_tools, chat_template=template, **template_kwargs)
         return rendered[0]
@@ -148,8 +150,24 @@ def test_target_holds_reasoning_then_calls_with_decoded_arguments():
                       '"arguments": {"amount": 10, "type": "spot"}}\n</tool_call><|im_end|>\n')
 
 
-def test_tools_are_printed_as_given_in_the_openai_wrapper():
+def test_tools_are_printed_bare_as_released_by_default():
     prompt = render_prompt([{"role": "user", "content": "x"}], [FLAT_TOOL, WEATHER_SCHEMA_TOOL])
+    tool_lines = prompt.split("<tools>\n")[1].split("\n</tools>")[0].split("\n")
+    assert [json.loads(line) for line in tool_lines] == [FLAT_TOOL, WEATHER_SCHEMA_TOOL]
+
+
+@needs_data
+def test_openai_tool_style_matches_the_template_given_wrapped_tools(reference):
+    records = load_records(DATA_DIR / "star_example_messages.jsonl")[:50]
+    for record in records:
+        messages, tools = record["messages"], record["tools"]
+        assert render_chat(messages, tools, tool_style="openai") == \
+            reference(messages, tools, tool_style="openai"), record["id"]
+
+
+def test_tools_are_printed_as_given_in_the_openai_wrapper():
+    prompt = render_prompt([{"role": "user", "content": "x"}], [FLAT_TOOL, WEATHER_SCHEMA_TOOL],
+                           tool_style="openai")
     tool_lines = prompt.split("<tools>\n")[1].split("\n</tools>")[0].split("\n")
     assert [json.loads(line) for line in tool_lines] == [
         {"type": "function", "function": FLAT_TOOL}, {"type": "function", "function": WEATHER_SCHEMA_TOOL}]

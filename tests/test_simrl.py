@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import TEXT_ROWS, log_lines, tiny_qwen3, weather_records, write_jsonl
 
 from star_train.chat.tokenizer import QWEN3_VOCAB_SIZE
 from star_train.data.records import build_example
@@ -25,6 +24,7 @@ from star_train.runtime.config import ModelSpec, from_dict, load_config
 from star_train.runtime.generation import sample_completions
 from star_train.runtime.models import load_model
 from star_train.stages import sampling, simrl
+from train_fixtures import TEXT_ROWS, log_lines, tiny_qwen3, weather_records, write_jsonl
 
 EOS = "<|im_end|>"
 
@@ -71,10 +71,14 @@ def make_config(tmp_path, policy_dir):
         values = {
             "data": {"path": str(data)},
             "policy": {"model": {"path": policy_dir}, "gradient_checkpointing": False},
-            "rollout": {"num_samples": 4, "prompts_per_step": 2, "max_new_tokens": 12,
+            "rollout": {"num_samples": 4, "prompts_per_rollout": 2, "max_new_tokens": 12,
                         "generate_batch_prompts": 2, "max_sampling_rounds": 2},
+            # one update per rollout over its whole token mean; the released mini-batching
+            # has its own tests below
             "train": {"out_dir": str(tmp_path / out), "dtype": "float32", "device": "cpu",
-                      "micro_batch_size": 3, "seed": 1},
+                      "micro_batch_size": 3, "seed": 1, "samples_per_step": 0,
+                      "loss_normalization": "step_tokens", "lr_schedule": "constant",
+                      "warmup_ratio": 0.0},
         }
         for section, table in sections.items():
             values[section] = {**values.get(section, {}), **table}
@@ -95,11 +99,11 @@ def test_config_file_defaults_relative_paths_and_overrides(tmp_path):
     path = tmp_path / "rl.toml"
     path.write_text('[data]\npath = "d.jsonl"\n[policy.model]\npath = "ckd/final"\n'
                     '[train]\nout_dir = "out"\n')
-    cfg = load_config(simrl.SimRLRunConfig, path, {"grpo.kl_coef": 0.01, "rollout.prompts_per_step": 4})
+    cfg = load_config(simrl.SimRLRunConfig, path, {"grpo.kl_coef": 0.01, "rollout.prompts_per_rollout": 4})
     assert cfg.data.path == str(tmp_path / "d.jsonl")
     assert cfg.policy.model.path == str(tmp_path / "ckd" / "final")
     assert cfg.train.out_dir == str(tmp_path / "out")
-    assert (cfg.grpo.kl_coef, cfg.rollout.prompts_per_step) == (0.01, 4)
+    assert (cfg.grpo.kl_coef, cfg.rollout.prompts_per_rollout) == (0.01, 4)
     # STAR's released Sim-RL settings are the defaults
     assert (cfg.rollout.num_samples, cfg.rollout.temperature, cfg.rollout.max_new_tokens) \
         == (8, 1.0, 512)
@@ -111,7 +115,7 @@ def test_config_file_defaults_relative_paths_and_overrides(tmp_path):
     ({"rollout": {"num_sampels": 8}}, "num_sampels"),
     ({"polcy": {}}, "polcy"),
     ({"rollout": {"num_samples": 1}}, "rollout.num_samples"),
-    ({"rollout": {"prompts_per_step": 0}}, "rollout.prompts_per_step"),
+    ({"rollout": {"prompts_per_rollout": 0}}, "rollout.prompts_per_rollout"),
     ({"rollout": {"max_sampling_rounds": 0}}, "rollout.max_sampling_rounds"),
     ({"rollout": {"temperature": 0.0}}, "rollout.temperature"),
     ({"grpo": {"kl_estimator": "k4"}}, "grpo.kl_estimator"),
@@ -142,7 +146,7 @@ def test_collect_groups_refills_until_full_and_stops_at_the_round_limit(make_con
                 for i in indices]
 
     monkeypatch.setattr(simrl, "sample_round", fake_round)
-    cfg = make_config(rollout={"prompts_per_step": 4, "max_sampling_rounds": 10})
+    cfg = make_config(rollout={"prompts_per_rollout": 4, "max_sampling_rounds": 10})
     groups, position, rounds = simrl.collect_groups(None, None, None, stream, 0, cfg, 0, None)
     kept = [g.prompt_index for g in groups if g.kept]
     assert len(kept) == 4 and [g.prompt_index for g in groups] == order[:position]
@@ -151,11 +155,11 @@ def test_collect_groups_refills_until_full_and_stops_at_the_round_limit(make_con
     firsts = [sum(g.sampling_round == r for g in groups) for r in range(rounds)]
     assert firsts[0] == 4 and all(a >= b for a, b in zip(firsts, firsts[1:]))
 
-    cfg = make_config(rollout={"prompts_per_step": 4, "max_sampling_rounds": 1})
+    cfg = make_config(rollout={"prompts_per_rollout": 4, "max_sampling_rounds": 1})
     groups, position, rounds = simrl.collect_groups(None, None, None, stream, 0, cfg, 0, None)
     assert (rounds, position, len(groups)) == (1, 4, 4)  # trains on fewer groups
     groups, position, _ = simrl.collect_groups(None, None, None, stream, 8, make_config(
-        rollout={"prompts_per_step": 4, "max_sampling_rounds": 10}), 0, None)
+        rollout={"prompts_per_rollout": 4, "max_sampling_rounds": 10}), 0, None)
     assert position == 10 and [g.prompt_index for g in groups] == order[8:]  # stream ended
 
 
@@ -310,7 +314,7 @@ def test_dynamic_filtering_drops_constant_groups_and_draws_more(make_config, tok
     0, so their groups are dropped and further prompts are drawn. Runs under bf16 autocast
     with gradient checkpointing (the released settings' code path)."""
     monkeypatch.setattr(sampling, "similarity_reward", fake_reward)
-    cfg = make_config(rollout={"prompts_per_step": 3, "max_sampling_rounds": 3},
+    cfg = make_config(rollout={"prompts_per_rollout": 3, "max_sampling_rounds": 3},
                       policy={"gradient_checkpointing": True},
                       train={"max_steps": 2, "dtype": "bfloat16", "episodes": 1})
     _, reports = _run(cfg, tokenizer)
@@ -382,3 +386,91 @@ def test_resume_with_other_data_settings_is_refused(make_config, tokenizer):
     other_seed = make_config(out="run", train={"max_steps": 2, "save_every": 1, "seed": 2})
     with pytest.raises(ValueError, match=r"seed: 1 -> 2"):
         _run(other_seed, tokenizer)
+
+
+# --- the released batching: PPO mini-batches of one rollout ------------------------------
+
+def _minibatch_config(make_config, out, **train):
+    return make_config(out=out, rollout={"max_sampling_rounds": 3},
+                       train={"samples_per_step": 3, "max_epochs": 2, "lr": 1e-2, **train})
+
+
+def test_minibatches_use_the_log_probs_recorded_at_sampling(make_config, tokenizer,
+                                                             monkeypatch):
+    """A rollout of 2 groups x 4 completions feeds ceil(8 / 3) x 2 epochs = 6 steps; every
+    kept completion is trained once per epoch; the recorded old and reference log-probs are
+    the initial policy's; step 2's loss is the fp64 objective of the policy after step 1
+    with the ratio taken against the recorded (sampling-time) log-probs."""
+    monkeypatch.setattr(sampling, "similarity_reward", fake_reward)
+    one = _minibatch_config(make_config, "one", max_steps=1)
+    _run(one, tokenizer)
+    cfg = _minibatch_config(make_config, "two", max_steps=6)
+    _, reports = _run(cfg, tokenizer)
+    logs = log_lines(cfg.train.out_dir)
+    assert [line["rollout"] for line in logs] == [0] * 6
+    assert "reward_mean" in logs[0] and "reward_mean" not in logs[1]
+    kept = [g for g in reports[0].detail if g.kept]
+    samples = [(g, c, a, old, ref) for g in kept for c, a, old, ref in
+               zip(g.completions, g.advantages, g.old_logprobs, g.ref_logprobs)]
+    assert len(samples) == 8 and [len(line["samples"]) for line in logs] == [3, 3, 2] * 2
+    for epoch in (logs[:3], logs[3:]):
+        assert sorted(i for line in epoch for i in line["samples"]) == list(range(8))
+
+    initial = load_model(cfg.policy.model, torch.float64, torch.device("cpu"))
+    for group, completion, _, old, ref in samples:
+        with torch.no_grad():
+            want = _completion_logprobs(initial, group.prompt_ids, completion)
+        torch.testing.assert_close(old.double(), want, atol=2e-5, rtol=0)
+        torch.testing.assert_close(ref.double(), want, atol=2e-5, rtol=0)
+
+    after_step1 = load_model(ModelSpec(path=str(Path(one.train.out_dir) / "final")),
+                             torch.float64, torch.device("cpu"))
+    part = [samples[i] for i in logs[1]["samples"]]
+    micro_means = []
+    for first in range(0, len(part), 3):  # micro_batch_size 3: one micro-batch here
+        terms, count = 0.0, 0
+        for group, completion, advantage, old, ref in part[first:first + 3]:
+            with torch.no_grad():
+                logp = _completion_logprobs(after_step1, group.prompt_ids, completion)
+            ratio = torch.exp(logp - old.double())
+            surrogate = torch.minimum(ratio * advantage, ratio.clamp(0.8, 1.2) * advantage)
+            terms += (-surrogate + 1e-3 * 0.5 * (logp - ref.double()) ** 2).sum().item()
+            count += len(completion)
+        micro_means.append(terms / count)
+    assert logs[1]["loss"] == pytest.approx(sum(micro_means) / len(micro_means), rel=1e-4,
+                                            abs=1e-6)
+    assert logs[1]["clip_fraction"] is not None
+
+
+def test_minibatched_run_resumes_exactly_from_a_rollout_boundary(make_config, tokenizer,
+                                                                  monkeypatch):
+    """Checkpoints wait for the end of a rollout (2 steps each here): killed after step 3,
+    the run resumes from step 2 and ends with the uninterrupted run's weights and log."""
+    monkeypatch.setattr(sampling, "similarity_reward", fake_reward)
+    train = {"samples_per_step": 4, "max_epochs": 1, "max_steps": 4, "save_every": 1,
+             "lr": 1e-3}
+    straight = make_config(out="straight", train=train)
+    _run(straight, tokenizer)
+    cfg = make_config(out="resumed", train=train)
+
+    def crash(step, report):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simrl.run_simrl(cfg, tokenizer=tokenizer, on_step_end=crash, log=lambda *_: None)
+    assert sorted(p.name for p in (Path(cfg.train.out_dir) / "checkpoints").iterdir()) \
+        == ["step-000002"]  # not step 1 or 3: inside a rollout
+    summary, _ = _run(cfg, tokenizer)
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+
+    def without_time(lines):
+        return [{k: v for k, v in line.items() if k not in ("seconds", "tokens_per_s")}
+                for line in lines]
+
+    assert without_time(log_lines(straight.train.out_dir)) == without_time(
+        log_lines(cfg.train.out_dir))
+    wa = load_file(str(Path(straight.train.out_dir) / "final/model.safetensors"))
+    wb = load_file(str(Path(cfg.train.out_dir) / "final/model.safetensors"))
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name

@@ -32,11 +32,24 @@ _TOOLS_FOOTER = (
 
 # ---------------------------------------------------------------- Qwen3 rendering
 
-def render_chat(messages, tools=None, *, add_generation_prompt=False, enable_thinking=True):
-    """The Qwen3 chat template's text for `messages` (STAR-shaped dicts) and STAR `tools`."""
+TOOL_STYLES = ("bare", "openai")
+
+
+def render_chat(messages, tools=None, *, add_generation_prompt=False, enable_thinking=True,
+                tool_style="bare"):
+    """The Qwen3 chat template's text for `messages` (STAR-shaped dicts) and STAR `tools`.
+
+    The template prints each tool with ``tojson`` exactly as it is handed over.
+    ``tool_style="bare"`` (the default) hands over ``{name, description, parameters}`` as the
+    released STAR data and BFCL's Qwen handler do; ``"openai"`` wraps each in
+    ``{"type": "function", "function": ...}``, the shape Qwen's function-calling docs, vLLM
+    and transformers' ``get_json_schema`` produce (what a deployed Qwen3 usually sees).
+    """
     if not messages:
         raise ValueError("messages: empty conversation")
-    parts = [_render_system_and_tools(messages, tools)]
+    if tool_style not in TOOL_STYLES:
+        raise ValueError(f"tool_style: expected one of {TOOL_STYLES}, got {tool_style!r}")
+    parts = [_render_system_and_tools(messages, tools, tool_style)]
     last_query = _last_query_index(messages)
     for index, message in enumerate(messages):
         role = message["role"]
@@ -60,24 +73,26 @@ def render_chat(messages, tools=None, *, add_generation_prompt=False, enable_thi
     return "".join(parts)
 
 
-def render_prompt(messages, tools=None, *, enable_thinking=True):
+def render_prompt(messages, tools=None, *, enable_thinking=True, tool_style="bare"):
     """The template's rendering of `messages` with add_generation_prompt=True."""
-    return render_chat(messages, tools, add_generation_prompt=True, enable_thinking=enable_thinking)
+    return render_chat(messages, tools, add_generation_prompt=True, enable_thinking=enable_thinking,
+                       tool_style=tool_style)
 
 
 def _as_qwen_tool(tool):
-    # The template prints each tool with tojson exactly as it is handed over. Qwen3 users pass the
-    # OpenAI shape {"type": "function", "function": {...}} (Qwen's function-calling docs, vLLM and
-    # transformers' get_json_schema all produce it), so that is the text Qwen3 was post-trained on
-    # and will see at inference; a bare STAR tool would print as {"name": ...} instead.
+    """``tool`` in the OpenAI wrapping ``{"type": "function", "function": ...}``."""
     return tool if "function" in tool else {"type": "function", "function": tool}
 
 
-def _render_system_and_tools(messages, tools):
+def _styled_tool(tool, tool_style):
+    return _as_qwen_tool(tool) if tool_style == "openai" else tool
+
+
+def _render_system_and_tools(messages, tools, tool_style):
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     if not tools:
         return "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
-    tool_lines = "".join("\n" + _to_json(_as_qwen_tool(tool)) for tool in tools)
+    tool_lines = "".join("\n" + _to_json(_styled_tool(tool, tool_style)) for tool in tools)
     intro = "" if system is None else system + "\n\n"
     return f"<|im_start|>system\n{intro}{_TOOLS_HEADER}{tool_lines}{_TOOLS_FOOTER}"
 

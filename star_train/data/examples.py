@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..chat.qwen3 import ASSISTANT_HEADER, END_OF_TURN, THINK_CLOSE_TAG, THINK_OPEN_TAG, render_assistant, render_prompt
 from ..chat.tokenizer import encode_example
-from .records import build_example, load_records
+from .records import build_example, load_records, validate_record
 
 IGNORE = -100
 
@@ -38,13 +39,87 @@ class Example:
         return int(self.target_mask.sum())
 
 
-def load_examples(path: str, tokenizer, *, max_length: int, limit: int = 0,
+FORMATS = ("released", "template")
+MASKS = ("all", "think", "answer", "alter")
+
+
+def released_pair(record: dict, add_reasoning: bool = False) -> tuple[str, str]:
+    """(prompt, target) as the released ``messages_to_trainset.py`` builds them: the prompt
+    is the chat template's rendering of all but the last message (tools as given) with the
+    generation prompt and ``<think>`` (no newline); the target is the last message rendered
+    on its own (so without a think block) after ``</think>``, ending ``<|im_end|>\n``;
+    with ``add_reasoning`` its ``reasoning_content`` goes before the ``</think>``."""
+    record = validate_record(record)
+    messages = record["messages"]
+    prompt = render_prompt(messages[:-1], record["tools"]) + THINK_OPEN_TAG
+    alone = render_assistant(messages[-1], after_last_query=False, is_last=True)
+    target = THINK_CLOSE_TAG + alone[len(ASSISTANT_HEADER):]
+    reasoning = messages[-1].get("reasoning_content")
+    if add_reasoning and reasoning:
+        target = reasoning + target
+    return prompt, target
+
+
+def _released_ids(tokenizer, prompt: str, target: str, max_prompt_length: int,
+                  max_response_length: int) -> tuple[list[int], list[int]]:
+    """Token ids as the released trainer makes them: each side truncated on the right to its
+    limit (a long prompt loses its end, as there), the end-of-turn token appended to a
+    target that does not end with it (so a full target ends "<|im_end|>\n<|im_end|>")."""
+    eos = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)[:max_prompt_length]
+    target_ids = tokenizer.encode(target, add_special_tokens=False)[:max_response_length]
+    if target_ids[-1] != eos:
+        target_ids.append(eos)
+    return prompt_ids, target_ids
+
+
+def _restrict(target_ids: list[int], mask: str, index: int, think_close: int) -> list[bool]:
+    """Which target tokens are distilled (``ckd.mask``): all; the reasoning up to and with
+    the last ``</think>``; what follows it; or alternating by example (even: think)."""
+    if mask == "alter":
+        mask = "think" if index % 2 == 0 else "answer"
+    if mask == "all":
+        return [True] * len(target_ids)
+    ends = [j for j, token in enumerate(target_ids) if token == think_close]
+    if not ends:
+        raise ValueError(f"example {index}: ckd.mask {mask!r} needs a </think> in the target")
+    cut = ends[-1] + 1
+    return [(j < cut) == (mask == "think") for j in range(len(target_ids))]
+
+
+def load_examples(path: str, tokenizer, *, max_length: int = 5632, limit: int = 0,
+                  fmt: str = "template", mask: str = "all", add_reasoning: bool = False,
+                  max_prompt_length: int = 5120, max_response_length: int = 512,
                   log=None) -> list[Example]:
-    """Tokenized examples of the STAR records in ``path``. A record whose answer alone does
-    not fit in ``max_length`` (with at least one prompt token) is skipped, not truncated:
-    a cut answer would teach stopping mid-call. ``log`` receives the skip count."""
+    """Tokenized examples of the STAR records in ``path``, in one of two formats:
+
+    ``"released"``: the pair of ``released_pair`` with the released truncation
+    (``_released_ids``); every record is kept.
+    ``"template"``: the full Qwen3 template rendering (``build_example``: prompt ends
+    ``<think>\n``, target = reasoning, ``</think>``, answer, ``<|im_end|>``). A record whose
+    answer alone does not fit in ``max_length`` (with at least one prompt token) is
+    skipped, not truncated: a cut answer would teach stopping mid-call. ``log`` receives
+    the skip count.
+
+    ``mask`` (``MASKS``) restricts the target tokens that are trained.
+    """
+    if fmt not in FORMATS or mask not in MASKS:
+        raise ValueError(f"fmt must be one of {FORMATS} and mask one of {MASKS}, "
+                         f"got {fmt!r}, {mask!r}")
+    think_close = tokenizer.convert_tokens_to_ids(THINK_CLOSE_TAG)
     examples, skipped = [], 0
     for position, record in enumerate(load_records(path, limit)):
+        if fmt == "released":
+            prompt_ids, target_ids = _released_ids(
+                tokenizer, *released_pair(record, add_reasoning), max_prompt_length,
+                max_response_length)
+            keep = _restrict(target_ids, mask, len(examples), think_close)
+            labels = [IGNORE] * len(prompt_ids) + [t if k else IGNORE
+                                                   for t, k in zip(target_ids, keep)]
+            examples.append(Example(len(examples), str(record.get("id", position)),
+                                    torch.as_tensor(prompt_ids + target_ids, dtype=torch.int32),
+                                    torch.as_tensor(labels, dtype=torch.int32)))
+            continue
         prompt, target = build_example(record)
         # The rendered turn ends "<|im_end|>\n"; generation stops at <|im_end|>, so the
         # newline after it is never produced and is not trained.
@@ -53,10 +128,15 @@ def load_examples(path: str, tokenizer, *, max_length: int, limit: int = 0,
             skipped += 1
             continue
         enc = encode_example(tokenizer, prompt, target, max_length=max_length)
+        labels = enc["labels"]
+        if mask != "all":
+            first = next(j for j, t in enumerate(labels) if t != IGNORE)
+            keep = _restrict(labels[first:], mask, len(examples), think_close)
+            labels = labels[:first] + [t if k else IGNORE for t, k in zip(labels[first:], keep)]
         # int32 halves the resident dataset (ids < 2^31); pad_batch widens to int64.
         examples.append(Example(len(examples), str(record.get("id", position)),
                                 torch.as_tensor(enc["input_ids"], dtype=torch.int32),
-                                torch.as_tensor(enc["labels"], dtype=torch.int32)))
+                                torch.as_tensor(labels, dtype=torch.int32)))
     if skipped and log is not None:
         log(f"skipped {skipped} records whose answer exceeds data.max_length "
             f"({max_length} tokens)")

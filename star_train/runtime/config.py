@@ -56,9 +56,15 @@ class TrainConfig:
 
     out_dir: str = setting("runs/train", path=True)
     lr: float = setting(3e-6, above=0)
-    weight_decay: float = setting(0.0, min=0)
-    warmup_steps: int = setting(0, min=0)
+    weight_decay: float = setting(0.0, min=0)   # not on biases and norm weights
+    adam_betas: list = setting([0.9, 0.95])     # OpenRLHF's default, as released
+    lr_schedule: str = setting("cosine", choices=("cosine", "constant"))
+    warmup_ratio: float = setting(0.03, min=0, max=1)  # of the run's steps, linear from 0
+    min_lr_ratio: float = setting(0.1, min=0, max=1)   # cosine ends at this x lr
     max_grad_norm: float = setting(1.0, above=0)
+    # micro_batch (released): mean of each micro-batch's token mean; step_tokens: token
+    # mean over the whole step, independent of the micro-batch split
+    loss_normalization: str = setting("micro_batch", choices=("micro_batch", "step_tokens"))
     micro_batch_size: int = setting(4, min=1)  # sequences per forward/backward (accumulation)
     max_steps: int = setting(0, min=0)         # stop after this many optimizer steps (0 = no cap)
     dtype: str = setting("bfloat16", choices=("bfloat16", "float32"))  # autocast compute dtype
@@ -68,6 +74,13 @@ class TrainConfig:
     log_every: int = setting(1, min=1)
     seed: int = 0
     tensorboard: bool = False                  # also log every step to out_dir/tensorboard
+
+    def checks(self) -> list:
+        """What ``setting`` ranges cannot say, for the stages' ``validate``."""
+        betas = self.adam_betas
+        return [(len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                         and 0 <= b < 1 for b in betas),
+                 f"train.adam_betas must be two numbers in [0, 1), got {betas!r}")]
 
 
 def _range_error(key: str, value, rules: dict) -> str | None:

@@ -1,6 +1,10 @@
 """Models on the training side: loading (never from a hub), precision, the next-token rows.
 
-``load_model`` takes a local Hugging Face folder or builds a random Qwen3 from a config.
+``load_model`` takes a local Hugging Face folder, a ``.gguf`` file (any architecture
+transformers reads from GGUF, dequantized to fp32) or builds a random Qwen3 from a config;
+``load_tokenizer`` gives the tokenizer that goes with it (the model's own, or the offline
+Qwen3 one for a config-built Qwen3). ``check_shared_vocabulary`` refuses a teacher and a
+student whose token ids do not mean the same thing (CKD compares them id by id).
 ``predicting_rows`` runs a model's trunk only and returns the hidden states that predict
 the marked tokens, with the lm_head weight: the input of every fused ``star_kernels`` op,
 so no stage ever computes ``[tokens x vocab]`` logits. The next-token shift (hidden state
@@ -28,16 +32,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def local_source(path: str, what: str = "model path") -> tuple[str, dict]:
+    """``(folder, from_pretrained keywords)`` for a local HF folder or a ``.gguf`` file;
+    FileNotFoundError naming ``what`` for anything else (nothing is fetched from a hub)."""
+    location = Path(path)
+    if location.is_dir():
+        return str(location), {"local_files_only": True}
+    if location.is_file() and location.suffix == ".gguf":
+        return str(location.parent), {"gguf_file": location.name, "local_files_only": True}
+    raise FileNotFoundError(f"{what} {path!r} is neither a local directory nor a .gguf file "
+                            "(models are never fetched from a hub here)")
+
+
 def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
-    """A causal LM from a local Hugging Face directory, or a random Qwen3 from ``spec.config``."""
+    """A causal LM from a local Hugging Face directory or ``.gguf`` file, or a random Qwen3
+    from ``spec.config``."""
     from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     if spec.path:
-        if not Path(spec.path).is_dir():
-            raise FileNotFoundError(f"model path {spec.path!r} is not a local directory "
-                                    "(models are never fetched from a hub here)")
+        folder, kwargs = local_source(spec.path)
         # No dtype argument: its name changed across transformers versions (torch_dtype/dtype).
-        model = AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True).to(dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        if "gguf_file" in kwargs:
+            model = _plain_model(model)
+        model = model.to(dtype)
     else:
         # Seeded on its own generator state so the same spec always gives the same weights.
         with torch.random.fork_rng(devices=[]):
@@ -46,9 +64,60 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     return model.to(device)
 
 
+def _plain_model(model):
+    """A GGUF-loaded model as an ordinary one: transformers marks it quantized (its weights
+    were dequantized on load) and then refuses ``save_pretrained``; the same weights in a
+    model built from the config without that mark save like any other."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    plain.tie_weights()
+    return plain.eval()
+
+
 def model_name(spec: ModelSpec) -> str:
     """What identifies a model in settings pins: its folder, or its config and seed."""
     return spec.path or json.dumps({"config": spec.config, "seed": spec.seed}, sort_keys=True)
+
+
+def load_tokenizer(spec: ModelSpec | str | None = None):
+    """The tokenizer of a model: its folder's or ``.gguf`` file's own, or the offline Qwen3
+    tokenizer for a config-built Qwen3 (``spec`` without a path, or None)."""
+    path = spec.path if isinstance(spec, ModelSpec) else spec
+    if not path:
+        from ..chat.tokenizer import qwen3_tokenizer
+
+        return qwen3_tokenizer()
+    from transformers import AutoTokenizer
+
+    folder, kwargs = local_source(path, "tokenizer path")
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def check_shared_vocabulary(teacher, student, teacher_tokenizer=None, student_tokenizer=None) -> None:
+    """Refuse a teacher/student pair whose token ids differ in meaning: distillation compares
+    the two distributions id by id. Models: the same ``vocab_size`` (lm_head rows).
+    Tokenizers (when given): the same token -> id table. ValueError names what differs."""
+    t_rows, s_rows = teacher.config.vocab_size, student.config.vocab_size
+    if t_rows != s_rows:
+        raise ValueError(f"teacher and student do not share a vocabulary: teacher vocab_size "
+                         f"{t_rows}, student vocab_size {s_rows} (CKD needs the same token ids)")
+    if teacher_tokenizer is None or student_tokenizer is None:
+        return
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab == s_vocab:
+        return
+    only_t = sorted(set(t_vocab) - set(s_vocab))[:3]
+    only_s = sorted(set(s_vocab) - set(t_vocab))[:3]
+    moved = sorted(token for token in set(t_vocab) & set(s_vocab) if t_vocab[token] != s_vocab[token])[:3]
+    raise ValueError(
+        f"teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens; "
+        f"only the teacher's: {only_t}, only the student's: {only_s}, other ids: "
+        f"{[(tok, t_vocab[tok], s_vocab[tok]) for tok in moved]}): CKD needs the same token ids")
 
 
 def check_vocab(model, tokenizer, role: str) -> None:

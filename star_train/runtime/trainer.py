@@ -6,7 +6,8 @@ the rest, the same for every stage:
 
 * the model: loaded in fp32 (AdamW updates at lr 3e-6 vanish in bf16), vocabulary
   checked against the tokenizer, gradient checkpointing, train mode;
-* AdamW and the learning-rate schedule (linear warm-up, then constant);
+* AdamW and the learning-rate schedule (as released: betas (0.9, 0.95), no decay on
+  biases and norm weights, 3% linear warm-up, cosine down to 0.1 x lr);
 * resume: the newest checkpoint under ``checkpoints/`` restores the model, optimizer,
   scheduler, RNG and the stage's own state (``Stage.state``), after checking that it was
   written under the same data settings (``Stage.run_key``); log lines of steps after it
@@ -24,6 +25,7 @@ the rest, the same for every stage:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -46,6 +48,7 @@ class StepPlan:
     num_tokens: int              # the step's loss = sum of the micro-batch losses / this
     record: dict = field(default_factory=dict)  # the stage's own fields for train_log.jsonl
     detail: Any = None           # handed to ``on_step_end`` (e.g. Sim-RL's sampled groups)
+    micro_tokens: list | None = None  # tokens per micro-batch (train.loss_normalization)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Stage(Protocol):
     name: str                    # prefix of progress lines
     run_key: dict                # data settings a checkpoint must have been written under
     total_steps: int | None      # None: until plan_step returns None
+    planned_steps: int           # with total_steps None: the expected count, for the lr schedule
 
     def plan_step(self, step: int) -> StepPlan | None: ...
 
@@ -73,14 +77,42 @@ class Stage(Protocol):
 
     def describe(self, record: dict) -> str: ...  # the stage's part of a progress line
 
+    # optional: ``at_boundary() -> bool``, False where a checkpoint could not resume exactly
+    # (Sim-RL inside a rollout); a due checkpoint then waits for the next boundary.
 
-def optimizer_and_scheduler(model, train: TrainConfig) -> tuple:
-    """AdamW over the fp32 parameters; linear warm-up over ``train.warmup_steps``, then constant."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr,
-                                  weight_decay=train.weight_decay)
-    warmup = train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``train.lr``.
+
+    ``"cosine"`` is the released runs' schedule (OpenRLHF's ``cosine_with_min_lr``, from
+    transformers): linear from 0 over ``warmup`` steps, then half a cosine from 1 down to
+    ``min_ratio`` at ``total``. ``"constant"``: linear warm-up to 1, then 1.
+    """
+    if schedule == "constant":
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def optimizer_and_scheduler(model, train: TrainConfig, total_steps: int) -> tuple:
+    """AdamW over the fp32 parameters and the ``train.lr_schedule`` over ``total_steps``.
+
+    As released (OpenRLHF's defaults): betas ``train.adam_betas`` (0.9, 0.95) and no weight
+    decay on biases and normalisation weights. OpenRLHF picks those by name ("bias",
+    "norm.weight", ...); for the decoder families trained here that is exactly the set of
+    1-D parameters, which is what is tested here, whatever a module is called.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": train.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr,
+                                  betas=tuple(train.adam_betas))
+    warmup = math.ceil(total_steps * train.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, schedule=train.lr_schedule, warmup=warmup, total=total_steps,
+        min_ratio=train.min_lr_ratio))
     return optimizer, scheduler
 
 
@@ -97,7 +129,6 @@ class Trainer:
         self.model.train()
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        self.optimizer, self.scheduler = optimizer_and_scheduler(self.model, train)
 
     def autocast(self):
         """A fresh mixed-precision context for this run's device and compute dtype."""
@@ -107,6 +138,13 @@ class Trainer:
         """Run (or resume) ``stage`` to its end or ``train.max_steps``; returns a summary."""
         train, model = self.train, self.model
         ckpt_root, log_path = self.out / "checkpoints", self.out / "train_log.jsonl"
+        total = stage.total_steps if stage.total_steps is not None else math.inf
+        if train.max_steps:
+            total = min(total, train.max_steps)
+        # The schedule needs a length; a stage that stops on its own (Sim-RL, at the end of
+        # its prompt stream) says how many steps it plans.
+        planned = total if total != math.inf else stage.planned_steps
+        self.optimizer, self.scheduler = optimizer_and_scheduler(model, train, planned)
         step, updates = 0, 0
         if (ckpt := latest_checkpoint(ckpt_root)) is not None:
             state = load_checkpoint(ckpt, model, self.optimizer, self.scheduler,
@@ -117,9 +155,6 @@ class Trainer:
         start = step
         truncate_log(log_path, start)
         board = self._tensorboard(start)
-        total = stage.total_steps if stage.total_steps is not None else math.inf
-        if train.max_steps:
-            total = min(total, train.max_steps)
         saved_at, record, began = start, {}, time.perf_counter()
         while step < total:
             t0 = time.perf_counter()
@@ -140,12 +175,12 @@ class Trainer:
                         board.add_scalar(f"{stage.name}/{key}", value, step)
             if step % train.log_every == 0 or step == total:
                 self.log(self._progress(stage, record, step, total, start, began))
-            if step % train.save_every == 0:
+            if step - saved_at >= train.save_every and getattr(stage, "at_boundary", bool)():
                 self._save(ckpt_root, step, updates, stage)
                 saved_at = step
             if on_step_end is not None:
                 on_step_end(step, StepReport(step, record, plan.detail))
-        if step != saved_at:
+        if step != saved_at and getattr(stage, "at_boundary", bool)():
             self._save(ckpt_root, step, updates, stage)
         if board is not None:
             board.close()
@@ -178,12 +213,12 @@ class Trainer:
         self.model.train()  # a stage may have sampled from it in eval mode
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for micro_batch in plan.micro_batches:
+        for micro_batch, scale in zip(plan.micro_batches, self._loss_scales(plan)):
             with self.autocast():
                 loss, stats = stage.micro_loss(self.model, micro_batch)
-            (loss / plan.num_tokens).backward()
+            (loss * scale).backward()
             for key, value in {"loss": loss.item(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                sums[key] = sums.get(key, 0.0) + float(value) * scale * plan.num_tokens
         record = {**plan.record, "tokens": plan.num_tokens, "updated": bool(plan.micro_batches)}
         if record["updated"]:
             record.update({key: value / plan.num_tokens for key, value in sums.items()})
@@ -197,6 +232,18 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         return record
+
+    def _loss_scales(self, plan: StepPlan) -> list[float]:
+        """What each micro-batch's token-summed loss is multiplied by. ``step_tokens``: the
+        token mean over the whole step, however it is split. ``micro_batch`` (as released:
+        OpenRLHF averages per-micro-batch token means over the accumulation steps): each
+        micro-batch's own token mean, averaged."""
+        count = len(plan.micro_batches)
+        if not count:
+            return []
+        if self.train.loss_normalization == "step_tokens" or plan.micro_tokens is None:
+            return [1.0 / plan.num_tokens] * count
+        return [1.0 / (max(1, n) * count) for n in plan.micro_tokens]
 
     def _progress(self, stage, record, step, total, start, began) -> str:
         line = f"{stage.name} step {step}/{total if total != math.inf else '?'}  "

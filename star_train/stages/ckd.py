@@ -26,7 +26,7 @@ import torch
 
 import star_kernels as sk
 
-from ..data.examples import example_batch, fingerprint, load_examples
+from ..data.examples import FORMATS, MASKS, example_batch, fingerprint, load_examples
 from ..runtime.config import ModelSpec, TrainConfig, enforce, section, setting
 from ..runtime.models import DTYPES, load_model, model_name, predicting_rows, resolve_device
 from ..runtime.run_folder import open_run
@@ -39,8 +39,14 @@ from .teacher_cache import TeacherCache, build_teacher_cache, cache_is_complete,
 @dataclass
 class DataConfig:
     path: str = setting("", path=True)  # STAR messages+tools jsonl
-    max_length: int = setting(5632, min=2)  # prompt (5120) + response (512) tokens
     limit: int = setting(0, min=0)          # use only the first N records (0 = all)
+    # released: messages_to_trainset.py's prompt/target and truncation; template: the full
+    # Qwen3 rendering (reasoning in a think block), over-long answers skipped
+    format: str = setting("released", choices=FORMATS)
+    add_reasoning_content: bool = False     # released format: reasoning before </think>
+    max_prompt_length: int = setting(5120, min=1)   # released format: longer prompts are cut
+    max_response_length: int = setting(512, min=1)  # released format: longer targets are cut
+    max_length: int = setting(5632, min=2)  # template format: prompt + response tokens
 
 
 @dataclass
@@ -64,6 +70,7 @@ class CKDLossConfig:
     kd_ratio: float = setting(1.0, min=0.0, max=1.0)  # 1 = pure KD (released run)
     temperature: float = setting(1.0, above=0)
     tail_bucket: bool = False
+    mask: str = setting("all", choices=MASKS)  # which target tokens: all|think|answer|alter
 
 
 @dataclass
@@ -71,6 +78,7 @@ class CKDTrainConfig(TrainConfig):
     out_dir: str = setting("runs/ckd", path=True)
     lr: float = setting(3e-6, above=0)
     weight_decay: float = setting(1e-4, min=0)
+    micro_batch_size: int = setting(2, min=1)  # released; with micro_batch loss normalization
     batch_size: int = setting(128, min=1)    # sequences per optimizer step
     epochs: int = setting(1, min=1)          # max_steps (if set) stops earlier
 
@@ -88,6 +96,7 @@ class CKDRunConfig:
             (self.data.path, "data.path must name a STAR jsonl file"),
             (self.train.batch_size % max(1, self.train.micro_batch_size) == 0,
              "train.batch_size must be a multiple of train.micro_batch_size"),
+            *self.train.checks(),
         ], {"teacher": self.teacher.model, "student": self.student.model})
         return self
 
@@ -105,7 +114,7 @@ class CKDStage:
         self.pad_id, self.device = pad_id, device
         t = cfg.train
         self.schedule = BatchSchedule(len(examples), t.batch_size, t.epochs, t.seed)
-        self.total_steps = self.schedule.total_steps
+        self.total_steps = self.planned_steps = self.schedule.total_steps
         self.run_key = {"data_fingerprint": digest, "batch_size": t.batch_size,
                         "epochs": t.epochs, "seed": t.seed}
         c = cfg.ckd
@@ -120,9 +129,9 @@ class CKDStage:
         micro = self.cfg.train.micro_batch_size
         groups = [indices[i:i + micro] for i in range(0, len(indices), micro)]
         # A micro-batch without target tokens (every answer masked) adds nothing.
-        groups = [g for g in groups if sum(self.cache.num_targets(i) for i in g)]
-        return StepPlan(groups, sum(self.cache.num_targets(i) for i in indices),
-                        {"examples": indices})
+        tokens = [sum(self.cache.num_targets(i) for i in g) for g in groups]
+        groups, tokens = [g for g, n in zip(groups, tokens) if n], [n for n in tokens if n]
+        return StepPlan(groups, sum(tokens), {"examples": indices}, micro_tokens=tokens)
 
     def micro_loss(self, model, indices):
         batch = example_batch([self.examples[i] for i in indices], self.pad_id)
@@ -166,6 +175,15 @@ def prepare_teacher_cache(cfg: CKDRunConfig, examples, digest: str, out, pad_id:
     return TeacherCache(cache_dir, fingerprint=digest)
 
 
+def load_ckd_examples(cfg: CKDRunConfig, tokenizer, log=None) -> list:
+    """The tokenized examples a CKD config trains on."""
+    d = cfg.data
+    return load_examples(d.path, tokenizer, max_length=d.max_length, limit=d.limit,
+                         fmt=d.format, mask=cfg.ckd.mask, add_reasoning=d.add_reasoning_content,
+                         max_prompt_length=d.max_prompt_length,
+                         max_response_length=d.max_response_length, log=log)
+
+
 def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -> dict:
     """Run (or resume) the CKD stage; returns a summary. ``on_step_end(step, report)`` is
     called after each optimizer step (and its checkpoint, if one was due)."""
@@ -175,8 +193,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
 
         tokenizer = qwen3_tokenizer()
     out = open_run(cfg.train.out_dir, cfg)
-    examples = load_examples(cfg.data.path, tokenizer, max_length=cfg.data.max_length,
-                             limit=cfg.data.limit, log=log)
+    examples = load_ckd_examples(cfg, tokenizer, log)
     digest = fingerprint(examples)
     log(f"{len(examples)} examples, {sum(e.num_targets for e in examples)} target tokens")
     cache = prepare_teacher_cache(cfg, examples, digest, out, tokenizer.pad_token_id, log)

@@ -1,34 +1,33 @@
 """STAR stage 2: Sim-RL (GRPO with the similarity reward) on one device.
 
 ``run_simrl(cfg)`` trains the policy (e.g. the CKD stage's ``final/`` folder) and can be
-killed and restarted at any point. Each optimizer step:
+killed and restarted at any point. As released (OpenRLHF's PPO loop with STAR's flags):
 
-1. draws prompts from a seeded stream (``train.episodes`` shuffled passes over the
-   prompts, laid end to end: position ``p`` of the stream is a pure function of the
-   seed and ``p``);
-2. samples ``rollout.num_samples`` completions per prompt with ``generate`` (plain
-   softmax sampling at ``rollout.temperature``, stopping at ``<|im_end|>``), seeded from
-   (seed, step, round, chunk), so a resumed step samples exactly what an uninterrupted
-   run sampled;
-3. scores each completion with ``similarity_reward`` and drops groups whose mean reward
-   is not strictly in (0.01, 0.99) (dynamic filtering); while fewer than
-   ``rollout.prompts_per_step`` groups are kept, it draws the missing number of prompts
-   again, for at most ``rollout.max_sampling_rounds`` rounds, then trains on what it has
-   (no update at all when nothing was kept);
-4. GRPO update: group-normalised advantages, reference log-probs from a frozen copy of
-   the initial policy (under no_grad), loss = ``star_kernels.fused_linear_grpo_loss``
-   (PPO clip, k2 KL; on-policy, so the op's own log-probs are the old ones) on the
-   trunk's hidden states at the completion positions only: no ``[tokens x vocab]``
-   logits, and no lm_head work on prompt tokens. Token mean over all of the step's
-   completion tokens however they are split into micro-batches; AdamW; grad clipping;
-5. logs the step to ``train_log.jsonl`` and checkpoints every ``train.save_every``
-   steps (atomic; the stream position, which dynamic filtering moves by a variable
-   amount, is part of the checkpoint state).
+1. a rollout draws prompts from a seeded stream (``train.episodes`` shuffled passes over
+   the prompts, laid end to end: position ``p`` is a pure function of the seed and
+   ``p``) and samples ``rollout.num_samples`` completions per prompt with ``generate``
+   (plain softmax at ``rollout.temperature``, stopping at ``<|im_end|>``), seeded from
+   (seed, step, round, chunk), so a resumed run samples exactly what an uninterrupted
+   one sampled;
+2. each completion is scored with ``similarity_reward``; dynamic filtering
+   (``reward.keep_group``) drops groups that are all right or all wrong, and prompts are
+   drawn again until ``rollout.prompts_per_rollout`` groups are kept (at most
+   ``rollout.max_sampling_rounds`` rounds, a safety valve that is logged when hit);
+3. group-normalised advantages; reference log-probs from a frozen copy of the initial
+   policy and the sampling policy's own log-probs are recorded for every kept
+   completion before any update;
+4. the rollout feeds optimizer steps of ``train.samples_per_step`` completions (PPO
+   mini-batches, a seeded shuffle per pass, ``train.max_epochs`` passes), each with loss
+   ``star_kernels.fused_linear_grpo_loss`` (PPO clip against the recorded log-probs, k2
+   KL to the reference) on the trunk's hidden states at the completion positions only:
+   no ``[tokens x vocab]`` logits, no lm_head work on prompt tokens;
+5. the training skeleton logs each step and checkpoints between rollouts (the stream
+   position, which dynamic filtering moves by a variable amount, is in the checkpoint).
 
 Parameters stay in fp32 (updates at lr 3e-7 vanish in bf16); ``train.dtype`` bfloat16
 runs generation and the forward/backward passes under autocast. The policy samples in
 eval mode and is trained in train mode: with dropout 0 (Qwen3's default) both are the
-same function, so the training pass's log-probs are the sampling policy's.
+same function, so the recorded log-probs are the sampling policy's.
 """
 
 from __future__ import annotations
@@ -71,8 +70,8 @@ class PolicyConfig:
 @dataclass
 class RolloutConfig:
     num_samples: int = setting(8, min=2)       # the GRPO group (advantages need a spread)
-    prompts_per_step: int = setting(32, min=1)  # kept groups wanted per step (not in STAR.md)
-    max_sampling_rounds: int = setting(4, min=1)  # dynamic filtering: refill rounds per step
+    prompts_per_rollout: int = setting(128, min=1)  # kept groups per rollout (released: 128)
+    max_sampling_rounds: int = setting(64, min=1)  # safety valve on refills (logged when hit)
     max_new_tokens: int = setting(512, min=1)
     temperature: float = setting(1.0, above=0)
     generate_batch_prompts: int = setting(8, min=1)  # prompts per generate() (x num_samples)
@@ -92,6 +91,8 @@ class SimRLTrainConfig(TrainConfig):
     micro_batch_size: int = setting(8, min=1)
     save_every: int = setting(20, min=1)
     episodes: int = setting(3, min=1)     # passes over the prompts; max_steps stops earlier
+    samples_per_step: int = setting(128, min=0)  # completions per optimizer step (0 = rollout)
+    max_epochs: int = setting(1, min=1)   # passes over each rollout
 
 
 @dataclass
@@ -103,8 +104,8 @@ class SimRLRunConfig:
     train: SimRLTrainConfig = section(SimRLTrainConfig)
 
     def validate(self) -> "SimRLRunConfig":
-        enforce(self, [(self.data.path, "data.path must name a STAR jsonl file")],
-                {"policy": self.policy.model})
+        enforce(self, [(self.data.path, "data.path must name a STAR jsonl file"),
+                       *self.train.checks()], {"policy": self.policy.model})
         return self
 
 
@@ -146,10 +147,10 @@ def sample_round(policy, tokenizer, prompts, indices: list[int], cfg, step: int,
 
 def collect_groups(policy, tokenizer, prompts, stream: PromptStream, position: int, cfg,
                    step: int, autocast) -> tuple[list[PromptGroup], int, int]:
-    """Dynamic filtering: sample rounds until ``prompts_per_step`` groups are kept, the
+    """Dynamic filtering: sample rounds until ``prompts_per_rollout`` groups are kept, the
     round limit is hit or the stream ends. Returns (every sampled group, the new stream
     position, the number of rounds)."""
-    wanted = cfg.rollout.prompts_per_step
+    wanted = cfg.rollout.prompts_per_rollout
     groups: list[PromptGroup] = []
     rounds = 0
     while rounds < cfg.rollout.max_sampling_rounds:
@@ -166,98 +167,179 @@ def collect_groups(policy, tokenizer, prompts, stream: PromptStream, position: i
 # ---------------------------------------------------------------- the stage
 
 @dataclass
-class _Rows:
-    """One micro-batch of the update: completions with their advantages and owners."""
+class _Sample:
+    """One kept completion of a rollout, with what its updates need."""
 
-    prompts: list[torch.Tensor]
-    completions: list[torch.Tensor]
-    advantages: list[float]
-    owners: list[PromptGroup]
+    prompt_ids: torch.Tensor
+    completion: torch.Tensor
+    advantage: float
+    owner: PromptGroup
+    old_logprobs: torch.Tensor | None = None  # float32 [L], recorded at sampling time
+    ref_logprobs: torch.Tensor | None = None
 
 
 class SimRLStage:
-    """One optimizer step = sample until enough groups pass the filter, then one GRPO
-    update on the kept groups' completion tokens, in micro-batches."""
+    """A rollout = sample until ``rollout.prompts_per_rollout`` groups pass the filter;
+    it then feeds optimizer steps of ``train.samples_per_step`` completions each (PPO
+    mini-batches, reshuffled for each of ``train.max_epochs`` passes), whose ratio uses
+    the log-probs recorded at sampling time. ``samples_per_step = 0``: the whole rollout
+    in one step (on-policy: the op's own detached log-probs are the behaviour ones)."""
 
     name = "simrl"
-    total_steps = None  # until the prompt stream cannot fill another step
+    total_steps = None  # until the prompt stream cannot fill another rollout
 
     def __init__(self, cfg: SimRLRunConfig, trainer: Trainer, prompts, skipped: int):
         self.cfg, self.trainer, self.prompts = cfg, trainer, prompts
         self.tokenizer = trainer.tokenizer
         self.stream = PromptStream(len(prompts), cfg.train.episodes, cfg.train.seed)
-        self.position = 0
+        self.position, self.rollouts = 0, 0
+        self.samples: list[_Sample] = []
+        self.pending: list[list[int]] = []  # the current rollout's mini-batches still to train
+        r, t = cfg.rollout, cfg.train
+        per_rollout = r.prompts_per_rollout * r.num_samples
+        steps_per_rollout = (-(-per_rollout // t.samples_per_step) if t.samples_per_step
+                             else 1) * t.max_epochs
+        # every rollout consumes at least prompts_per_rollout positions of the stream
+        self.planned_steps = max(1, len(self.stream) // r.prompts_per_rollout * steps_per_rollout)
         self.run_key = {"prompts_fingerprint": prompts_fingerprint(prompts),
-                        "episodes": cfg.train.episodes, "seed": cfg.train.seed}
+                        "episodes": t.episodes, "seed": t.seed}
         # The KL anchor is the initial policy, also after a resume (the checkpoint only
         # overwrites the policy). Held in the compute dtype: it only ever runs under
         # autocast, whose matmuls see bf16 weights either way; fp32 would double its memory.
         self.reference = copy.deepcopy(trainer.model).to(trainer.compute_dtype)
         self.reference.eval().requires_grad_(False)
 
+    @property
+    def recorded_old(self) -> bool:
+        """Whether updates need log-probs recorded at sampling time (the policy moves
+        between the rollout and a later mini-batch or epoch)."""
+        return bool(self.cfg.train.samples_per_step) or self.cfg.train.max_epochs > 1
+
+    def at_boundary(self) -> bool:
+        """Checkpoints are taken between rollouts: a resume re-samples the next rollout
+        from the saved policy, exactly as the uninterrupted run did."""
+        return not self.pending
+
     def plan_step(self, step: int) -> StepPlan | None:
-        per_step = self.cfg.rollout.prompts_per_step
-        if self.position + per_step > len(self.stream):
-            return None  # a step starts only while a full first round is left in the stream
+        record, detail = {"rollout": self.rollouts - 1}, None  # the current rollout's index
+        if not self.pending:
+            if self.position + self.cfg.rollout.prompts_per_rollout > len(self.stream):
+                return None  # a rollout starts only while a full first round is left
+            record, detail = self._rollout(step), None
+            detail = record.pop("_groups")
+        batch = self.pending.pop(0)
+        micro = self.cfg.train.micro_batch_size
+        micro_batches = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+        tokens = [sum(len(self.samples[j].completion) for j in mb) for mb in micro_batches]
+        return StepPlan(micro_batches, sum(tokens),
+                        {**record, "completion_tokens": sum(tokens), "samples": batch},
+                        detail=detail, micro_tokens=tokens)
+
+    def _rollout(self, step: int) -> dict:
+        """Sample the next rollout (dynamic filtering), record its old and reference
+        log-probs, and lay out its mini-batches; returns the sampling fields for the log."""
+        cfg = self.cfg
         groups, position, rounds = collect_groups(
             self.trainer.model, self.tokenizer, self.prompts, self.stream, self.position,
-            self.cfg, step, self.trainer.autocast())
+            cfg, step, self.trainer.autocast())
+        if rounds == cfg.rollout.max_sampling_rounds and \
+                sum(g.kept for g in groups) < cfg.rollout.prompts_per_rollout:
+            self.trainer.log(f"rollout {self.rollouts}: rollout.max_sampling_rounds "
+                             f"({rounds}) reached with fewer groups kept than wanted")
         consumed, self.position = position - self.position, position
         kept = [g for g in groups if g.kept]
-        micro_batches = self._micro_batches(kept)
-        tokens = sum(len(c) for g in kept for c in g.completions)
-        return StepPlan(micro_batches, tokens,
-                        _sampling_record(groups, kept, position, consumed, rounds, tokens),
-                        detail=groups)
-
-    def _micro_batches(self, kept: list[PromptGroup]) -> list[_Rows]:
-        rows = []
+        self.samples = []
         for group in kept:
-            group.advantages = group_advantages(group.rewards, self.cfg.rollout.num_samples)
+            group.advantages = group_advantages(group.rewards, cfg.rollout.num_samples)
             group.old_logprobs, group.ref_logprobs = [], []
-            rows += [(group.prompt_ids, c, a, group)
-                     for c, a in zip(group.completions, group.advantages)]
-        micro = self.cfg.train.micro_batch_size
-        return [_Rows(*map(list, zip(*rows[i:i + micro]))) for i in range(0, len(rows), micro)]
+            self.samples += [_Sample(group.prompt_ids, c, a, group)
+                             for c, a in zip(group.completions, group.advantages)]
+        self._record_logprobs()
+        self.pending = self._mini_batches()
+        self.rollouts += 1
+        tokens = sum(len(s.completion) for s in self.samples)
+        return {**_sampling_record(groups, kept, position, consumed, rounds, tokens),
+                "rollout": self.rollouts - 1, "_groups": groups}
 
-    def micro_loss(self, policy, rows: _Rows):
+    @torch.no_grad()
+    def _record_logprobs(self) -> None:
+        """Reference log-probs of every kept completion, and (when updates need them) the
+        sampling policy's: both before any update of this rollout."""
+        models = [("ref_logprobs", self.reference)]
+        if self.recorded_old:
+            models.append(("old_logprobs", self.trainer.model))
+        micro = self.cfg.train.micro_batch_size
+        for first in range(0, len(self.samples), micro):
+            part = self.samples[first:first + micro]
+            batch = self._batch(part)
+            for field_name, model in models:
+                with self.trainer.autocast():
+                    rows, ids, weight, bias = predicting_rows(model, batch,
+                                                              self.trainer.device)
+                    logps = sk.fused_linear_logprobs(rows, weight, ids, bias=bias,
+                                                     temperature=self.cfg.rollout.temperature)
+                for sample, lp in zip(part, logps.float().cpu().split(
+                        [len(s.completion) for s in part])):
+                    setattr(sample, field_name, lp)
+                    getattr(sample.owner, field_name).append(lp)
+
+    def _mini_batches(self) -> list[list[int]]:
+        """Sample indices per optimizer step: ``max_epochs`` passes, each a seeded
+        shuffle (OpenRLHF shuffles its replay buffer) cut into ``samples_per_step``."""
+        t, n = self.cfg.train, len(self.samples)
+        if not n:
+            return [[]]  # nothing kept: one step without an update
+        if not t.samples_per_step:
+            return [list(range(n)) for _ in range(t.max_epochs)]
+        out = []
+        for epoch in range(t.max_epochs):
+            gen = torch.Generator().manual_seed(derived_seed("simrl-minibatch", t.seed,
+                                                             self.rollouts, epoch))
+            order = torch.randperm(n, generator=gen).tolist()
+            out += [order[i:i + t.samples_per_step] for i in range(0, n, t.samples_per_step)]
+        return out
+
+    def _batch(self, samples: list[_Sample]) -> dict:
+        return pad_batch([(torch.cat([s.prompt_ids, s.completion]),
+                           torch.arange(len(s.prompt_ids) + len(s.completion))
+                           >= len(s.prompt_ids)) for s in samples],
+                         self.tokenizer.pad_token_id)
+
+    def micro_loss(self, policy, indices: list[int]):
         g, device = self.cfg.grpo, self.trainer.device
-        batch = pad_batch([(torch.cat([p, c]), torch.arange(len(p) + len(c)) >= len(p))
-                           for p, c in zip(rows.prompts, rows.completions)],
-                          self.tokenizer.pad_token_id)
-        lengths = [len(c) for c in rows.completions]
-        with torch.no_grad():
-            r_rows, ids, r_weight, r_bias = predicting_rows(self.reference, batch, device)
-            ref = sk.fused_linear_logprobs(r_rows, r_weight, ids, bias=r_bias,
-                                           temperature=self.cfg.rollout.temperature)
-        hidden, _, weight, bias = predicting_rows(policy, batch, device)
-        advantages = torch.tensor(rows.advantages, dtype=torch.float32, device=device)
-        advantages = advantages.repeat_interleave(torch.tensor(lengths, device=device))
-        # One update per sampled batch, so the behaviour policy is the current one:
-        # old_logprobs=None (ratio exp(logp - logp.detach())) gives the same loss and
-        # gradient as passing them, and the op returns them without a second forward.
+        part = [self.samples[i] for i in indices]
+        lengths = [len(s.completion) for s in part]
+        hidden, ids, weight, bias = predicting_rows(policy, self._batch(part), device)
+        advantages = torch.tensor([s.advantage for s in part], dtype=torch.float32,
+                                  device=device).repeat_interleave(
+                                      torch.tensor(lengths, device=device))
+        ref = torch.cat([s.ref_logprobs for s in part]).to(device)
+        # Without recorded old log-probs the update is on-policy: old_logprobs=None (ratio
+        # exp(logp - logp.detach())) gives the same loss and gradient as passing them.
+        old = torch.cat([s.old_logprobs for s in part]).to(device) if self.recorded_old else None
         loss, stats = sk.fused_linear_grpo_loss(
             hidden, weight, ids, advantages, torch.ones_like(ids, dtype=torch.bool),
-            old_logprobs=None, ref_logprobs=ref, clip_eps=g.clip_eps, kl_coef=g.kl_coef,
+            old_logprobs=old, ref_logprobs=ref, clip_eps=g.clip_eps, kl_coef=g.kl_coef,
             kl_estimator=g.kl_estimator, temperature=self.cfg.rollout.temperature, bias=bias,
             loss_agg="token_mean")
-        for owner, old, r in zip(rows.owners, stats["logprobs"].float().cpu().split(lengths),
-                                 ref.float().cpu().split(lengths)):
-            owner.old_logprobs.append(old)
-            owner.ref_logprobs.append(r)
+        if not self.recorded_old:  # the op's own log-probs are the behaviour ones
+            for sample, lp in zip(part, stats["logprobs"].float().cpu().split(lengths)):
+                sample.owner.old_logprobs.append(lp)
         n = sum(lengths)  # the skeleton wants sums over the micro-batch's tokens
         return loss * n, {"kl": stats["mean_kl"].item() * n,
                           "clip_fraction": stats["clip_fraction"].item() * n}
 
     def state(self) -> dict:
-        return {"stream_position": self.position}
+        return {"stream_position": self.position, "rollouts": self.rollouts}
 
     def restore(self, state: dict) -> None:
-        self.position = state["stream_position"]
+        self.position, self.rollouts = state["stream_position"], state.get("rollouts", 0)
 
     def describe(self, record: dict) -> str:
-        line = (f"reward {record['reward_mean']:.3f}  kept {record['groups_kept']}/"
-                f"{record['groups_sampled']}  prompts {record['prompts_consumed']}")
+        line = f"rollout {record['rollout']}"
+        if "reward_mean" in record:  # the rollout's first step: what sampling did
+            line += (f"  reward {record['reward_mean']:.3f}  kept {record['groups_kept']}/"
+                     f"{record['groups_sampled']}  prompts {record['prompts_consumed']}")
         if record["updated"]:
             return line + (f"  loss {record['loss']:.4f}  kl {record['kl']:.2e}  clip "
                            f"{record['clip_fraction']:.3f}  tokens {record['completion_tokens']}")
@@ -296,9 +378,9 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
                                     cfg.data.max_prompt_length, tokenizer)
     log(f"{len(prompts)} prompts; skipped {skipped} longer than "
         f"{cfg.data.max_prompt_length} tokens")
-    per_step = cfg.rollout.prompts_per_step
+    per_step = cfg.rollout.prompts_per_rollout
     if len(prompts) * cfg.train.episodes < per_step:
-        raise ValueError(f"rollout.prompts_per_step {per_step} exceeds the "
+        raise ValueError(f"rollout.prompts_per_rollout {per_step} exceeds the "
                          f"{len(prompts)} usable prompts x {cfg.train.episodes} episodes")
     trainer = Trainer(cfg.train, cfg.policy.model, out, tokenizer=tokenizer,
                       gradient_checkpointing=cfg.policy.gradient_checkpointing,
