@@ -127,6 +127,14 @@ def markdown(data: dict, title: str | None = None) -> str:
     return "\n".join(out)
 
 
+def empty_panel_note(ylabel: str) -> str:
+    """What a panel with nothing to draw says instead of standing empty."""
+    if "memory" in ylabel:
+        return ("no transient memory above 0 MiB was measured at these sizes\n"
+                "(below the resolution of a process's peak RSS); see a larger preset")
+    return "no timing was recorded for this mode"
+
+
 def plot(data: dict, outdir: Path, stem: str) -> list[Path]:
     """One PNG per op: time and transient memory of the main mode vs N, per implementation."""
     try:
@@ -161,13 +169,22 @@ def plot(data: dict, outdir: Path, stem: str) -> list[Path]:
                         ax.plot(*zip(*xy), styles[i % len(styles)], marker="o", label=label,
                                 color=color)
                         drew = True
+        ns = sorted({r["n"] for r in recs})
         for ax, ylabel in ((axes[0], f"{MODE_NAMES[mode]} time (ms, median)"),
                            (axes[1], f"transient memory, {MODE_NAMES[mode]} (MiB)")):
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            # ticks at the measured sizes: with one or two sizes the automatic log ticks
+            # land on powers of two that were never run
+            ax.set_xticks(ns, [f"{n:,}" for n in ns])
+            ax.set_xticks([], minor=True)
             ax.set_xlabel("N (tokens)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
+            if ax.has_data():
+                ax.set_yscale("log")
+            else:  # e.g. the smoke preset: every transient peak rounds to 0 MiB
+                ax.text(0.5, 0.5, empty_panel_note(ylabel), ha="center", va="center",
+                        transform=ax.transAxes, fontsize=9, wrap=True)
         if drew:
             handles, labels = axes[0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)

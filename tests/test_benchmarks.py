@@ -158,3 +158,19 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--preset" in out.stdout
+
+
+def test_plot_marks_an_empty_memory_panel_instead_of_leaving_it_blank(tmp_path, monkeypatch):
+    """At the smoke sizes every transient peak is 0 MiB: the memory panel says so."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import report
+
+    notes = []
+    monkeypatch.setattr(report, "empty_panel_note", lambda ylabel: notes.append(ylabel) or "x")
+    records = [{"op": "ckd", "impl": "naive", "label": "naive (eager)", "n": n, "h": 32,
+                "v": 1000, "dtype": "float32", "time_ms": {"fwdbwd": {"median": 1.0 + n}},
+                "mem_bytes": {"fwdbwd": 0}} for n in (64, 96)]
+    data = {"env": {"device_name": "cpu"}, "records": records}
+    (path,) = report.plot(data, tmp_path, "smoke")
+    assert path.stat().st_size > 0
+    assert len(notes) == 1 and "memory" in notes[0]
