@@ -4,6 +4,7 @@ star-train demo                          the CKD stage on packaged data, tiny mo
 star-train rollouts --config run.toml    teacher rollouts -> CKD training records
 star-train ckd --config run.toml         STAR stage 1: teacher top-k cache + CKD
 star-train simrl --config run.toml       STAR stage 2: GRPO with the similarity reward
+star-train prepare-data --config p.toml  source datasets -> the released Sim-RL data mix
 star-train eval --model DIR              BFCL v3, offline
 star-train report RUN_DIR                plots and a summary of a training run
 star-train config NAME --out FILE        write a shipped preset out for editing
@@ -26,6 +27,10 @@ STAGES = {
             "checkpoint in train.out_dir)", "ckd", "CKDRunConfig", "run_ckd"),
     "simrl": ("STAR stage 2: GRPO with the similarity reward (resumes from the newest "
               "checkpoint in train.out_dir)", "simrl", "SimRLRunConfig", "run_simrl"),
+    "prepare-data": ("the released Sim-RL data preparation over local files: convert xLAM, "
+                     "ToolACE, ToolMind and Hammer rows, filter_on_simrl, ToolMind's "
+                     "stratified sample, merge", "prepare_data", "PrepareDataConfig",
+                     "run_prepare_data"),
 }
 
 
