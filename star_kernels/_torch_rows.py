@@ -171,6 +171,10 @@ def logprob_rows(logits, token_ids, temperature: float, want_entropy: bool,
     if not (want_entropy or with_grad):
         return logp, None, None
     q.div_(sum_exp)
+    # A -inf logit (a masked vocabulary row) has q = 0 and log q = -inf, and 0 * -inf
+    # is NaN in the entropy and its gradient: floor log q where q underflows to 0 anyway
+    # (exp(-1e4) is 0 in float32 and float64), so those terms are exactly 0.
+    logq.clamp_min_(-1e4)
     entropy = -_row_dot(q, logq)
     if not with_grad:
         return logp, (entropy if want_entropy else None), None

@@ -89,6 +89,23 @@ def test_gradient_through_entropy_only(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_minus_inf_bias_on_padded_vocabulary(backend, temperature):
+    """Padded vocabulary rows carry a -inf bias: finite entropy and gradients, as the reference."""
+    hidden, weight, bias, ids = problem(21, 9, 113, seed=3)
+    pad = torch.zeros(113, dtype=torch.bool)
+    pad[100:] = True
+    pad[[7, 50]] = True
+    bias = torch.where(pad, float("-inf"), bias)
+    ids = torch.where(pad[ids], 0, ids)
+    out, exp, got_g, exp_g = both(backend, hidden, weight, bias, ids, temperature=temperature)
+    for t in (*out, *got_g):
+        assert torch.isfinite(t).all()
+    assert (got_g[2][pad] == 0).all()
+    assert_close(out, exp, got_g, exp_g, tol_for(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
 def test_low_precision_inputs(backend, dtype, tol):
     p = problem(40, 32, 257, dtype=dtype)
