@@ -37,7 +37,7 @@ def _clip_range(clip_eps):
 
 def _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs,
                      bias, temperature, kl_coef, kl_estimator, loss_agg, memory_budget,
-                     validate):
+                     validate, kl_clamp=None):
     """Structure checks now; the value checks go into the returned collector (or none)."""
     check_logprob_args(hidden, weight, token_ids, bias, temperature, memory_budget)
     token_shape, device = hidden.shape[:-1], hidden.device
@@ -69,27 +69,35 @@ def _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs, 
             or not 0.0 <= kl_coef < float("inf"):
         raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
     V.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    if kl_clamp is not None and (isinstance(kl_clamp, bool)
+                                 or not isinstance(kl_clamp, (int, float))
+                                 or not 0.0 < kl_clamp < float("inf")):
+        raise ValueError(f"kl_clamp must be None or a finite number > 0, got {kl_clamp!r}")
     V.check_choice("loss_agg", loss_agg, LOSS_AGGS)
     return checks
 
 
-def kl_penalty(logp, ref_logp, estimator):
-    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs."""
+def kl_penalty(logp, ref_logp, estimator, kl_clamp=None):
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs, its value
+    clamped to ``[-kl_clamp, kl_clamp]`` unless ``kl_clamp`` is ``None``."""
     if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "k2":
-        return 0.5 * (logp - ref_logp) ** 2
-    d = ref_logp - logp
-    return torch.expm1(d) - d
+        kl = logp - ref_logp
+    elif estimator == "k2":
+        kl = 0.5 * (logp - ref_logp) ** 2
+    else:
+        d = ref_logp - logp
+        kl = torch.expm1(d) - d
+    return kl if kl_clamp is None else kl.clamp(-kl_clamp, kl_clamp)
 
 
-def token_terms(logp, adv, old, ref, low, high, kl_coef, estimator):
+def token_terms(logp, adv, old, ref, low, high, kl_coef, estimator, kl_clamp=None):
     """Per-token GRPO loss, its derivative in ``logp``, and the diagnostics' terms.
 
     ``old is None`` means on-policy (ratio 1, d ratio / d logp = 1). The
     derivative follows autograd's conventions for ``min`` and ``clamp``: the
     surrogate's gradient is ``-A * ratio`` where the unclipped branch is active
-    or the ratio lies inside the clip range, else 0.
+    or the ratio lies inside the clip range, else 0; the KL term's is 0 where its
+    value lies outside ``[-kl_clamp, kl_clamp]``.
     """
     ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
     clipped = ratio.clamp(1.0 - low, 1.0 + high)
@@ -99,7 +107,8 @@ def token_terms(logp, adv, old, ref, low, high, kl_coef, estimator):
     clip_active = ((ratio < 1.0 - low) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
     kl = None
     if ref is not None:
-        kl = kl_penalty(logp, ref, estimator)
+        raw = kl_penalty(logp, ref, estimator)
+        kl = raw if kl_clamp is None else raw.clamp(-kl_clamp, kl_clamp)
         if kl_coef != 0:
             loss = loss + kl_coef * kl
             if estimator == "k1":
@@ -108,6 +117,8 @@ def token_terms(logp, adv, old, ref, low, high, kl_coef, estimator):
                 dkl = logp - ref
             else:
                 dkl = 1.0 - torch.exp(ref - logp)
+            if kl_clamp is not None:
+                dkl = torch.where(raw.abs() <= kl_clamp, dkl, 0.0)
             dloss = dloss + kl_coef * dkl
     return loss, dloss, ratio, clip_active, kl
 
@@ -187,6 +198,7 @@ def fused_linear_grpo_loss(
     bias: torch.Tensor | None = None,
     backend: str = "auto",
     *,
+    kl_clamp: float | None = 10.0,
     memory_budget: int | None = None,
     validate: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -217,6 +229,10 @@ def fused_linear_grpo_loss(
         kl_estimator: ``"k1"`` (``logp - ref``), ``"k2"`` (``0.5 * (logp -
             ref)^2``, STAR's choice) or ``"k3"`` (``exp(ref - logp) - (ref -
             logp) - 1``).
+        kl_clamp: the estimator's per-token value is clamped to ``[-kl_clamp,
+            kl_clamp]`` (no gradient where it is clamped), as the released code
+            (OpenRLHF's ``compute_approx_kl``) does with 10; ``None`` disables it.
+            ``mean_kl`` reports the clamped value.
         loss_agg: ``"token_mean"`` (masked mean over all tokens),
             ``"seq_mean"`` (mean over sequences with at least one token of each
             sequence's masked mean) or ``"dr_grpo"`` (masked sum / (B * T)).
@@ -238,7 +254,7 @@ def fused_linear_grpo_loss(
     low, high = _clip_range(clip_eps)
     checks = _check_grpo_args(hidden, weight, token_ids, advantages, mask, old_logprobs,
                               ref_logprobs, bias, temperature, kl_coef, kl_estimator, loss_agg,
-                              memory_budget, validate)
+                              memory_budget, validate, kl_clamp)
     run = run_options(hidden, weight, bias, backend, memory_budget)
     if checks is not None:
         checks.run()
@@ -278,7 +294,8 @@ def fused_linear_grpo_loss(
         token_weight = kept / (lengths[seq].clamp_min(1) * present)
 
     terms = functools.partial(token_terms, low=low, high=high, kl_coef=kl_coef,
-                              estimator=kl_estimator)
+                              estimator=kl_estimator,
+                              kl_clamp=None if kl_clamp is None else float(kl_clamp))
     opts = GRPOOptions(run, float(temperature), terms)
     loss, logp = _GRPOFunction.apply(h, weight, bias, ids, adv, old, ref, token_weight, opts)
     _, _, ratio, clip_active, kl = terms(logp, adv, old, ref)
@@ -304,11 +321,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     def __init__(self, clip_eps: float | tuple[float, float] = 0.2, kl_coef: float = 1e-3,
                  kl_estimator: str = "k2", temperature: float = 1.0,
                  loss_agg: str = "token_mean", backend: str = "auto", *,
-                 memory_budget: int | None = None, validate: str = "auto"):
+                 kl_clamp: float | None = 10.0, memory_budget: int | None = None,
+                 validate: str = "auto"):
         super().__init__()
         self.knobs = dict(clip_eps=clip_eps, kl_coef=kl_coef, kl_estimator=kl_estimator,
                           temperature=temperature, loss_agg=loss_agg, backend=backend,
-                          memory_budget=memory_budget, validate=validate)
+                          kl_clamp=kl_clamp, memory_budget=memory_budget, validate=validate)
 
     def forward(self, hidden, weight, token_ids, advantages, mask, old_logprobs=None,
                 ref_logprobs=None, bias=None):

@@ -194,17 +194,20 @@ def fused_linear_logprobs(hidden, weight, token_ids, temperature=1.0, return_ent
 # ----------------------------------------------------------------------------- GRPO
 
 
-def kl_estimate(logp, ref_logprobs, kl_estimator="k2"):
-    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs."""
+def kl_estimate(logp, ref_logprobs, kl_estimator="k2", kl_clamp=None):
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs; its value is
+    clamped to ``[-kl_clamp, kl_clamp]`` unless ``kl_clamp`` is ``None``."""
     if kl_estimator == "k1":
-        return logp - ref_logprobs
-    if kl_estimator == "k2":
-        return 0.5 * (logp - ref_logprobs) ** 2
-    return torch.exp(ref_logprobs - logp) - (ref_logprobs - logp) - 1
+        kl = logp - ref_logprobs
+    elif kl_estimator == "k2":
+        kl = 0.5 * (logp - ref_logprobs) ** 2
+    else:
+        kl = torch.exp(ref_logprobs - logp) - (ref_logprobs - logp) - 1
+    return kl if kl_clamp is None else torch.clamp(kl, -kl_clamp, kl_clamp)
 
 
 def grpo_token_losses(logp, advantages, old_logprobs=None, ref_logprobs=None, clip_eps=0.2,
-                      kl_coef=1e-3, kl_estimator="k2"):
+                      kl_coef=1e-3, kl_estimator="k2", kl_clamp=None):
     """Per-token PPO-clipped surrogate plus ``kl_coef`` times the KL estimate.
 
     ``old_logprobs=None`` is on-policy: ``ratio = exp(logp - logp.detach())``.
@@ -214,13 +217,14 @@ def grpo_token_losses(logp, advantages, old_logprobs=None, ref_logprobs=None, cl
     ratio = torch.exp(logp - old)
     loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - low, 1 + high) * advantages)
     if ref_logprobs is not None and kl_coef:
-        loss = loss + kl_coef * kl_estimate(logp, ref_logprobs, kl_estimator)
+        loss = loss + kl_coef * kl_estimate(logp, ref_logprobs, kl_estimator, kl_clamp)
     return loss
 
 
 def fused_linear_grpo_loss(hidden, weight, token_ids, advantages, mask, old_logprobs=None,
                            ref_logprobs=None, clip_eps=0.2, kl_coef=1e-3, kl_estimator="k2",
-                           temperature=1.0, loss_agg="token_mean", bias=None, **ignored):
+                           temperature=1.0, loss_agg="token_mean", bias=None, kl_clamp=10.0,
+                           **ignored):
     """Reference for :func:`star_kernels.fused_linear_grpo_loss`: ``(loss, diagnostics)``.
 
     Written with masks instead of row selection, so ``torch.compile`` takes it whole.
@@ -236,7 +240,7 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, advantages, mask, old_logp
         return None if t is None else torch.where(keep, t, 0.0).to(logp.dtype)
     adv, old, ref = fill(advantages), fill(old_logprobs), fill(ref_logprobs)
     tok = torch.where(keep, grpo_token_losses(logp, adv, old, ref, clip_eps, kl_coef,
-                                              kl_estimator), 0.0)
+                                              kl_estimator, kl_clamp), 0.0)
     count = keep.sum().clamp_min(1)
     if loss_agg == "token_mean":
         loss = tok.sum() / count
@@ -253,7 +257,7 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, advantages, mask, old_logp
         lp = logp.detach()
         ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old)
         clipped = ((ratio < 1 - low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
-        kl = torch.zeros_like(lp) if ref is None else kl_estimate(lp, ref, kl_estimator)
+        kl = torch.zeros_like(lp) if ref is None else kl_estimate(lp, ref, kl_estimator, kl_clamp)
 
         def token_mean(x):
             return torch.where(keep, x.to(lp.dtype), 0.0).sum() / count

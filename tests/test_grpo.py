@@ -87,6 +87,41 @@ def test_backends_match_reference(backend, knobs):
     assert_close(*res[:4], tol=1e-9 if backend != "triton" else 2e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("kl_clamp", [10.0, 0.5, None])
+def test_kl_clamp_matches_reference(backend, estimator, kl_clamp):
+    """The estimator's value is clamped per token (released: [-10, 10]), no gradient there."""
+    p = problem(v=151, seed=4)
+    g = torch.Generator().manual_seed(9)
+    logp = p["ref_logprobs"]
+    far = 12.0 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
+    p["ref_logprobs"] = torch.where(p["mask"], logp + far, 0.0)
+    res = run_both(backend, p, kl_estimator=estimator, kl_coef=0.7, kl_clamp=kl_clamp)
+    tol = 1e-9 if backend != "triton" else 2e-5
+    assert_close(*res[:4], tol=tol)
+    with torch.no_grad():
+        lp = reference_logp(p["hidden"], p["weight"], p["bias"], p["token_ids"].clamp_min(0), 1.0)
+        raw = reference.kl_estimate(lp, p["ref_logprobs"], estimator)[p["mask"]]
+        bound = float("inf") if kl_clamp is None else kl_clamp
+        assert (raw.abs() > bound).any() or kl_clamp is None  # the clamp is exercised
+        exp_kl = raw.clamp(-bound, bound).mean()
+    torch.testing.assert_close(res[4]["mean_kl"].double(), exp_kl, rtol=tol, atol=tol)
+
+
+def test_kl_clamp_default_is_released_value():
+    p = problem(seed=4)
+    p["ref_logprobs"] = torch.where(p["mask"], p["ref_logprobs"] + 9.0, 0.0)
+    p["backend"] = "torch"
+    default, _ = sk.fused_linear_grpo_loss(**p)
+    ten, _ = sk.fused_linear_grpo_loss(**p, kl_clamp=10.0)
+    off, _ = sk.fused_linear_grpo_loss(**p, kl_clamp=None)
+    assert default == ten and off > ten
+    mod = sk.FusedLinearGRPOLoss(backend="torch", kl_clamp=None)
+    q = {k: v for k, v in p.items() if k != "backend"}
+    assert mod(q.pop("hidden"), q.pop("weight"), **q)[0] == off
+
+
 def test_per_token_advantages_and_flat_rows():
     p = problem()
     per_token = p["advantages"][:, None].expand(4, 7).clone()
@@ -179,6 +214,8 @@ def test_low_precision_inputs(backend, dtype, tol):
     (lambda p: dict(clip_eps=(0.1, 0.2, 0.3)), "clip_eps"),
     (lambda p: dict(kl_coef=-1.0), "kl_coef"),
     (lambda p: dict(temperature=0), "temperature"),
+    (lambda p: dict(kl_clamp=0.0), "kl_clamp"),
+    (lambda p: dict(kl_clamp=float("inf")), "kl_clamp"),
     (lambda p: dict(weight=p["weight"].half(), hidden=p["hidden"].bfloat16()),
      "float16 and bfloat16 have no common lower precision"),
     (lambda p: dict(validate="none"), "validate must be one of"),
