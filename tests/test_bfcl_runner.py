@@ -6,8 +6,8 @@ import inspect
 import json
 
 import pytest
-from bfcl_answers import completion_for_calls, source_text_calls
 
+from bfcl_answers import completion_for_calls, source_text_calls
 from star_train.eval import bfcl, executable, multi_turn, runner
 from star_train.eval.command import report_lines
 
@@ -191,7 +191,8 @@ def test_report_states_the_overall_and_what_it_leaves_out(tmp_path):
     assert exec_simple["evaluated"] + exec_simple["not_evaluated"] == 3
     text = "\n".join(report_lines(summary))
     assert "BFCL v3 overall" in text and "not evaluated offline: " in text
-    assert "rest 3" in text and "first 3 samples per category (2 per multi-turn" in text
+    assert "rest 3" in text and ("the first 3 samples of each single-turn category and the "
+                                 "first 2 samples of each multi-turn category only") in text
     assert "not run (counted 0): multiple" in text
 
 

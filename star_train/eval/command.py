@@ -64,15 +64,18 @@ def report_lines(summary: dict) -> list[str]:
         bounds = overall["bounds"]
         caveats.append(f"not evaluated offline: {listed} samples; a category with none "
                        "evaluated counts 0, as on BFCL's leaderboard; with every "
-                       f"not-evaluated sample wrong/right the overall is "
+                       "not-evaluated (or not run) sample wrong/right the overall is "
                        f"{bounds['not_evaluated_wrong']:.2%} / "
                        f"{bounds['not_evaluated_right']:.2%}")
-    if overall["missing"]:
-        caveats.append(f"not run (counted 0): {', '.join(overall['missing'])}")
-    if summary["limit"] is not None or summary["multi_turn_limit"] is not None:
-        caveats.append(f"first {summary['limit']} samples per category "
-                       f"({summary['multi_turn_limit']} per multi-turn category) only: an "
-                       "estimate of a full run, not a leaderboard number")
+    not_run = [c for c in overall["missing"] if c not in summary["categories"]]
+    if not_run:
+        caveats.append(f"not run (counted 0): {', '.join(not_run)}")
+    limits = {"single-turn": summary["limit"], "multi-turn": summary["multi_turn_limit"]}
+    limited = [f"the first {n} sample{'s' * (n != 1)} of each {kind} category"
+               for kind, n in limits.items() if n is not None]
+    if limited:
+        caveats.append(f"{' and '.join(limited)} only: an estimate of a full run, not a "
+                       "leaderboard number")
     return lines + [f"  caveat: {caveat}" for caveat in caveats]
 
 
