@@ -90,8 +90,9 @@ def test_prompt_shows_bfcl_docs_as_qwen3_tools():
     assert prompt.endswith(question_end + "<|im_start|>assistant\n" + THINK_OPEN)
     tool_lines = prompt.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0].split("\n")
     tools = [json.loads(line) for line in tool_lines]
-    assert [tool["type"] for tool in tools] == ["function"] * len(sample.functions)
-    shown = tools[0]["function"]
+    assert len(tools) == len(sample.functions)  # the docs as shipped, no OpenAI wrapper
+    shown = tools[0]
+    assert shown["name"] == sample.functions[0]["name"] and "function" not in shown
     assert shown["description"] == description + bfcl.PYTHON_HINT
     assert shown["parameters"] == sample.functions[0]["parameters"]  # BFCL types ("dict", ...) as shipped
     assert sample.functions[0]["description"] == description  # the shared sample is not edited

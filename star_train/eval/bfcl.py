@@ -21,11 +21,11 @@ Python-flavoured type names ("dict", "float", "tuple", "any"). The docs keep tho
 names, as upstream BFCL's Qwen function-calling handler (QwenFCHandler; nvidia-bfcl
 ships only the older prompting one) keeps them; the one change is the sentence " Note
 that the provided function is in Python 3 syntax." appended to each description, which
-BFCL adds for every model in the Python categories. The renderer wraps each doc into
-``{"type": "function", "function": doc}`` (the OpenAI shape that Qwen3 users pass and
-our training prompts use; Qwen's BFCL handler prints the bare doc) and prints it as JSON
-inside ``<tools>`` in the system prompt. A few live_irrelevance questions have no
-functions: no tools section.
+BFCL adds for every model in the Python categories. The renderer prints each doc bare,
+as JSON on its own line inside ``<tools>`` in the system prompt (``render_prompt``'s
+default ``tool_style="bare"``: the released STAR data's and BFCL's Qwen handler's
+shape, not the OpenAI ``{"type": "function", "function": doc}`` wrapping). A few
+live_irrelevance questions have no functions: no tools section.
 
 Scoring follows BFCL's runner for each kind of category:
 
