@@ -14,7 +14,7 @@ from star_train.demo import SAMPLE, tiny_qwen3
 from star_train.eval import bfcl
 from star_train.runtime.config import ModelSpec, from_dict
 from star_train.runtime.models import load_model
-from star_train.stages import rollouts
+from star_train.stages import sampling
 from star_train.stages.ckd import CKDRunConfig, run_ckd
 from star_train.stages.rollouts import RolloutRunConfig, run_rollouts
 from star_train.stages.simrl import SimRLRunConfig, run_simrl
@@ -38,12 +38,14 @@ def _teacher_that_answers_right(tokenizer):
 def test_rollouts_feed_ckd_feeds_simrl_feeds_eval(tmp_path, monkeypatch):
     tokenizer = qwen3_tokenizer()
     quiet = dict(tokenizer=tokenizer, log=lambda *_: None)
-    monkeypatch.setattr(rollouts, "generate_completions", _teacher_that_answers_right(tokenizer))
+    monkeypatch.setattr(sampling, "sample_completions", _teacher_that_answers_right(tokenizer))
     teacher_spec = tiny_qwen3(48, 1, seed=7)
     made = run_rollouts(from_dict(RolloutRunConfig, {
         "data": {"path": str(SAMPLE), "limit": 6},
         "teacher": {"model": teacher_spec},
-        "sampling": {"num_samples": 2},
+        # our prompt (ending "<think>\n", which the scripted teacher keys on) and the
+        # exact-answer threshold: what this test's stand-in teacher is built for
+        "sampling": {"num_samples": 2, "prompt": "think", "keep": "min_reward"},
         "output": {"out_dir": str(tmp_path / "rollouts"), "dtype": "float32", "device": "cpu"},
     }), **quiet)
     assert made["kept"] == 6  # two identical right answers per prompt, deduplicated
@@ -61,7 +63,7 @@ def test_rollouts_feed_ckd_feeds_simrl_feeds_eval(tmp_path, monkeypatch):
     rl = run_simrl(from_dict(SimRLRunConfig, {
         "data": {"path": str(SAMPLE), "limit": 4},
         "policy": {"model": {"path": ckd["model_dir"]}, "gradient_checkpointing": False},
-        "rollout": {"num_samples": 2, "prompts_per_step": 2, "max_sampling_rounds": 1,
+        "rollout": {"num_samples": 2, "prompts_per_rollout": 2, "max_sampling_rounds": 1,
                     "max_new_tokens": 4},
         "train": {"out_dir": str(tmp_path / "simrl"), "max_steps": 1, "dtype": "float32",
                   "device": "cpu"},
@@ -69,7 +71,10 @@ def test_rollouts_feed_ckd_feeds_simrl_feeds_eval(tmp_path, monkeypatch):
     log = [json.loads(line) for line in open(tmp_path / "simrl" / "train_log.jsonl")]
     assert [r["step"] for r in log] == [1] and log[0]["groups_sampled"] >= 2
 
-    policy = load_model(ModelSpec(path=rl["model_dir"]), torch.float32, torch.device("cpu"))
+    # a random-ish policy rarely earns a mixed group: without an update there is no final/
+    assert rl["updates"] == log[0]["updated"] and (rl["model_dir"] is None) == (not rl["updates"])
+    policy_dir = rl["model_dir"] or ckd["model_dir"]
+    policy = load_model(ModelSpec(path=policy_dir), torch.float32, torch.device("cpu"))
     result = bfcl.evaluate(policy, tokenizer, ["simple", "irrelevance"], limit=2,
                            max_new_tokens=4, batch_size=2)
     assert {k: v["total"] for k, v in result["categories"].items()} == {"simple": 2,

@@ -175,12 +175,12 @@ class Trainer:
                         board.add_scalar(f"{stage.name}/{key}", value, step)
             if step % train.log_every == 0 or step == total:
                 self.log(self._progress(stage, record, step, total, start, began))
-            if step - saved_at >= train.save_every and getattr(stage, "at_boundary", bool)():
+            if step - saved_at >= train.save_every and self._at_boundary(stage):
                 self._save(ckpt_root, step, updates, stage)
                 saved_at = step
             if on_step_end is not None:
                 on_step_end(step, StepReport(step, record, plan.detail))
-        if step != saved_at and getattr(stage, "at_boundary", bool)():
+        if step != saved_at and self._at_boundary(stage):
             self._save(ckpt_root, step, updates, stage)
         if board is not None:
             board.close()
@@ -195,6 +195,13 @@ class Trainer:
         self.tokenizer.save_pretrained(final)
         self.log(f"saved the trained model to {final}")
         return {**summary, "model_dir": str(final)}
+
+    @staticmethod
+    def _at_boundary(stage) -> bool:
+        """Whether a checkpoint taken now resumes exactly (a stage without
+        ``at_boundary`` always does)."""
+        at_boundary = getattr(stage, "at_boundary", None)
+        return at_boundary is None or at_boundary()
 
     def _tensorboard(self, start: int):
         if not self.train.tensorboard:
