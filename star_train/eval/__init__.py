@@ -5,5 +5,5 @@
 (exec categories where their functions run offline), ``overall`` (the leaderboard's
 formula), ``runner`` (every category, resumable via ``results``), ``chat_format`` (the
 prompt builder and completion parser), ``calls`` (calls as BFCL's call strings) and the
-``star-train eval`` command (``command``).
+``star-train eval`` command (``command``); Hugging Face generation in ``generation``.
 """
