@@ -1,6 +1,6 @@
 """Evaluation: BFCL v3 offline.
 
-``bfcl`` (single-turn AST, Java/JavaScript, (ir)relevance; Hugging Face generation),
+``bfcl`` (single-turn AST, Java/JavaScript, (ir)relevance),
 ``multi_turn`` (dialogues against BFCL's simulated environments), ``executable``
 (exec categories where their functions run offline), ``overall`` (the leaderboard's
 formula), ``runner`` (every category, resumable via ``results``), ``chat_format`` (the
