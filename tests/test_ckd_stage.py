@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import log_lines, tiny_qwen3, weather_records, weights, write_jsonl
 
 from star_train.data.examples import example_batch, fingerprint, load_examples
 from star_train.runtime.config import from_dict, load_config
@@ -14,6 +13,7 @@ from star_train.stages import teacher_cache as tc
 from star_train.stages.ckd import CKDRunConfig, run_ckd
 from star_train.stages.rollouts import RolloutRunConfig
 from star_train.stages.simrl import SimRLRunConfig
+from train_fixtures import log_lines, tiny_qwen3, weather_records, weights, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +406,18 @@ def test_tensorboard_logs_the_same_numbers_as_the_run_log(run_config, tokenizer)
     expected = [(x["step"], x["loss"]) for x in log_lines(cfg.train.out_dir)]
     assert [s for s, _ in logged] == [1, 2]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def test_released_length_walks_the_rl_prompt_stream_and_cycles_the_kd_data(run_config,
+                                                                          tokenizer, tmp_path):
+    """5 RL prompts x 8 samples / batch 4 = 10 steps over 7 KD examples: each pass over the
+    KD data is a fresh permutation, cycled as long as the RL stream lasts."""
+    rl = write_jsonl(tmp_path / "rl.jsonl", weather_records()[:5])
+    cfg = run_config(batch_size=4, micro_batch_size=2, rl_prompts=str(rl), save_every=100,
+                     lr=1e-4)
+    summary = run_ckd(cfg, tokenizer=tokenizer, log=lambda *_: None)
+    lines = log_lines(cfg.train.out_dir)
+    assert summary["steps"] == 10 and [x["step"] for x in lines] == list(range(1, 11))
+    stream = [i for x in lines for i in x["examples"]]
+    for first in range(0, 35, 7):
+        assert sorted(stream[first:first + 7]) == list(range(7))

@@ -27,6 +27,7 @@ import torch
 import star_kernels as sk
 
 from ..data.examples import FORMATS, MASKS, example_batch, fingerprint, load_examples
+from ..data.records import load_records
 from ..runtime.config import ModelSpec, TrainConfig, enforce, section, setting
 from ..runtime.models import DTYPES, load_model, model_name, predicting_rows, resolve_device
 from ..runtime.run_folder import open_run
@@ -81,6 +82,13 @@ class CKDTrainConfig(TrainConfig):
     micro_batch_size: int = setting(2, min=1)  # released; with micro_batch loss normalization
     batch_size: int = setting(128, min=1)    # sequences per optimizer step
     epochs: int = setting(1, min=1)          # max_steps (if set) stops earlier
+    # As released, the CKD run walks the RL prompt stream (its on-policy samples unused)
+    # and cycles the KD data: steps = RL prompts x samples_per_prompt / batch_size x
+    # episodes. Set rl_prompts (a STAR jsonl) to train exactly that many steps; epochs
+    # is then ignored and the KD examples cycle, reshuffled on each pass.
+    rl_prompts: str = setting("", path=True)
+    rl_samples_per_prompt: int = setting(8, min=1)
+    rl_episodes: int = setting(1, min=1)
 
 
 @dataclass
@@ -103,6 +111,13 @@ class CKDRunConfig:
 
 # ---------------------------------------------------------------- the stage
 
+def released_steps(train: CKDTrainConfig) -> int:
+    """The released CKD run's length: one step per ``batch_size`` of the RL prompt stream's
+    samples (``rl_samples_per_prompt`` per prompt, ``rl_episodes`` passes)."""
+    num_prompts = len(load_records(train.rl_prompts))
+    return num_prompts * train.rl_samples_per_prompt // train.batch_size * train.rl_episodes
+
+
 class CKDStage:
     """One optimizer step = the schedule's batch of examples, in micro-batches."""
 
@@ -113,10 +128,16 @@ class CKDStage:
         self.cfg, self.examples, self.cache = cfg, examples, cache
         self.pad_id, self.device = pad_id, device
         t = cfg.train
-        self.schedule = BatchSchedule(len(examples), t.batch_size, t.epochs, t.seed)
+        epochs = t.epochs
+        if t.rl_prompts:
+            steps = released_steps(t)
+            epochs = max(1, -(-steps * t.batch_size // len(examples)))  # enough passes to cycle
+        self.schedule = BatchSchedule(len(examples), t.batch_size, epochs, t.seed)
+        if t.rl_prompts:
+            self.schedule.total_steps = steps
         self.total_steps = self.planned_steps = self.schedule.total_steps
         self.run_key = {"data_fingerprint": digest, "batch_size": t.batch_size,
-                        "epochs": t.epochs, "seed": t.seed}
+                        "epochs": epochs, "seed": t.seed, "steps": self.schedule.total_steps}
         c = cfg.ckd
         self.loss_options = dict(
             tail_coef=c.tail_coef, student_topm=c.student_topm, kd_ratio=c.kd_ratio,
