@@ -1,0 +1,64 @@
+"""The experiment's sizes: every setting of a run, in one dict per size.
+
+``smoke``: every step at a toy size (minutes on an idle CPU): checks the pipeline end to
+end; its numbers say nothing about the methods. ``cpu``: about an hour on an idle 2-core CPU
+machine (fp32). ``gpu``: the same steps at a
+size worth a GPU (bf16 autocast; config only, not run here). Seeds: ``seed`` drives the
+data order of every stage and the Sim-RL sampling; the data split is fixed by the data
+file (``data/README.md``).
+"""
+
+from __future__ import annotations
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SIZES = {
+    "smoke": {
+        "seed": 0,
+        "device": "cpu",
+        "dtype": "float32",
+        "train_rows": 32,
+        "heldout_rows": 8,
+        "max_length": 768,
+        "student_layers": [0, 1, 2, 3, 27, 28, 29],
+        "teacher_sft": {"lr": 1e-4, "batch_size": 8, "epochs": 1},
+        "student_sft": {"lr": 3e-4, "batch_size": 8, "epochs": 2},
+        "ckd": {"lr": 3e-4, "batch_size": 8, "epochs": 2, "k": 100, "tail_coef": 10.0,
+                "student_topm": 100},
+        "simrl": {"lr": 2e-6, "steps": 2, "num_samples": 4, "prompts_per_step": 2,
+                  "max_sampling_rounds": 1, "max_new_tokens": 64, "temperature": 1.0},
+        "eval": {"bfcl_limit": 2, "max_new_tokens": 64, "batch_size": 8},
+    },
+    "cpu": {
+        "seed": 0,
+        "device": "cpu",
+        "dtype": "float32",                 # bf16 autocast is slower than fp32 on this CPU
+        "train_rows": 96,                   # first rows of data/xlam_rows.jsonl
+        "heldout_rows": 32,                 # last rows of the file (never trained on)
+        "max_length": 768,
+        "student_layers": [0, 1, 2, 3, 27, 28, 29],   # kept layers of SmolLM2's 30
+        "teacher_sft": {"lr": 1e-4, "batch_size": 8, "epochs": 2},
+        "student_sft": {"lr": 3e-4, "batch_size": 8, "epochs": 4},
+        "ckd": {"lr": 3e-4, "batch_size": 8, "epochs": 4, "k": 100, "tail_coef": 10.0,
+                "student_topm": 100},
+        "simrl": {"lr": 2e-6, "steps": 6, "num_samples": 4, "prompts_per_step": 4,
+                  "max_sampling_rounds": 2, "max_new_tokens": 96, "temperature": 1.0},
+        "eval": {"bfcl_limit": 10, "max_new_tokens": 128, "batch_size": 8},
+    },
+    "gpu": {
+        "seed": 0,
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "train_rows": 224,
+        "heldout_rows": 32,
+        "max_length": 1024,
+        "student_layers": [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29],
+        "teacher_sft": {"lr": 5e-5, "batch_size": 16, "epochs": 3},
+        "student_sft": {"lr": 2e-4, "batch_size": 16, "epochs": 8},
+        "ckd": {"lr": 2e-4, "batch_size": 16, "epochs": 8, "k": 100, "tail_coef": 10.0,
+                "student_topm": 100},
+        "simrl": {"lr": 1e-6, "steps": 40, "num_samples": 8, "prompts_per_step": 16,
+                  "max_sampling_rounds": 4, "max_new_tokens": 256, "temperature": 1.0},
+        "eval": {"bfcl_limit": 100, "max_new_tokens": 256, "batch_size": 32},
+    },
+}
