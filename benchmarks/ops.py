@@ -129,9 +129,11 @@ def naive_logprobs_rows(hidden, weight, token_ids, temperature=1.0):
 
 def grpo_token_losses(logp, advantages, old_logprobs=None, ref_logprobs=None,
                       clip_eps=CLIP_EPS, kl_coef=KL_COEF):
-    """PPO clipped surrogate plus ``kl_coef`` times the k2 estimator, per token."""
+    """PPO clipped surrogate plus ``kl_coef`` times the k2 estimator (clamped to [-10, 10]
+    per token, the fused op's and the released default), per token."""
     return reference.grpo_token_losses(logp, advantages, old_logprobs, ref_logprobs,
-                                       clip_eps=clip_eps, kl_coef=kl_coef, kl_estimator="k2")
+                                       clip_eps=clip_eps, kl_coef=kl_coef, kl_estimator="k2",
+                                       kl_clamp=10.0)
 
 
 def naive_grpo_rows(hidden, weight, token_ids, advantages, ref_logprobs):

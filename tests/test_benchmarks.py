@@ -90,12 +90,14 @@ def test_naive_grpo_matches_the_formula():
     case, i = _inputs("grpo")
     loss = ops.Naive(case, i).forward()
     logp = torch.log_softmax(i["hidden"] @ i["weight"].T, 1).gather(1, i["token_ids"][:, None])[:, 0]
-    # On-policy (old = current): ratio 1, so the surrogate is -A; plus k2 KL to the reference.
-    want = (-i["advantages"] + ops.KL_COEF * 0.5 * (logp - i["ref_logprobs"]) ** 2).mean()
+    # On-policy (old = current): ratio 1, so the surrogate is -A; plus k2 KL to the reference,
+    # clamped to [-10, 10] per token as released (OpenRLHF's compute_approx_kl).
+    k2 = (0.5 * (logp - i["ref_logprobs"]) ** 2).clamp(-10, 10)
+    want = (-i["advantages"] + ops.KL_COEF * k2).mean()
     torch.testing.assert_close(loss, want)
     loss.backward()
-    g = torch.autograd.grad((-i["advantages"] * logp + ops.KL_COEF * 0.5 *
-                             (logp - i["ref_logprobs"]) ** 2).mean(), i["hidden"])[0]
+    g = torch.autograd.grad((-i["advantages"] * logp + ops.KL_COEF * (
+        0.5 * (logp - i["ref_logprobs"]) ** 2).clamp(-10, 10)).mean(), i["hidden"])[0]
     torch.testing.assert_close(i["hidden"].grad, g)
 
 
