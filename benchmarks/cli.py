@@ -131,6 +131,7 @@ def _git() -> dict:
 
 def environment(device: str) -> dict:
     import torch
+
     import star_kernels
     from star_kernels import _backends
     try:

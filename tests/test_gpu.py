@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import star_kernels as sk
-from star_kernels import reference
 from ckd_cases import make_problem
+from star_kernels import reference
 
 pytestmark = pytest.mark.gpu
 

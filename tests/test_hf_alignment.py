@@ -12,9 +12,9 @@ where the gradient must vanish.
 
 import pytest
 import torch
-from hf_models import VOCAB, batch, grads, tiny
 
 import star_kernels as sk
+from hf_models import VOCAB, batch, grads, tiny
 from star_kernels import hf, reference
 
 transformers = pytest.importorskip("transformers")

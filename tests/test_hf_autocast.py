@@ -12,8 +12,8 @@ from typing import ClassVar
 
 import pytest
 import torch
-from hf_models import VOCAB, batch, tiny
 
+from hf_models import VOCAB, batch, tiny
 from star_kernels import hf, reference
 
 transformers = pytest.importorskip("transformers")

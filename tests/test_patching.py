@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from hf_models import FAMILIES, VOCAB, batch, grads, softcapped_gemma2, tiny
 
+from hf_models import FAMILIES, VOCAB, batch, grads, softcapped_gemma2, tiny
 from star_kernels import hf, patching, reference
 
 transformers = pytest.importorskip("transformers")

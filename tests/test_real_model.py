@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import star_kernels as sk
+from conftest import cpu_backends
 from star_kernels import reference
 from star_kernels.hf import ckd_loss_from_model, hidden_states
-
-from conftest import cpu_backends
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ("<|im_start|>user\nWhat is the weather in Paris, and how many meters are in 3.5 "

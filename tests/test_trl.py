@@ -10,8 +10,8 @@ import copy
 
 import pytest
 import torch
-from hf_models import VOCAB, tiny
 
+from hf_models import VOCAB, tiny
 from star_kernels import hf
 
 trl = pytest.importorskip("trl")
