@@ -1,5 +1,8 @@
 """What is benchmarked: inputs, the naive computations, and every implementation per op.
 
+(Over 400 lines: every row of every op is here, one small class each, so that the
+implementations compared in one table are read in one file.)
+
 An implementation is built from a :class:`Case` and its inputs and exposes
 ``forward()`` (returns the op's output; a scalar loss for ops that train) and
 ``backward(out)``. ``unavailable(case)`` says why it cannot run

@@ -1,5 +1,8 @@
 """The Sim-RL reward of STAR (see shared/STAR.md, "Sim-RL"), plus GRPO group helpers.
 
+(Over 400 lines on purpose: the released rules and our stricter ones stand side by side
+in one module, so that each difference between them can be read in one place.)
+
 Two rule sets, chosen by ``similarity_reward(..., rules=...)``:
 
 ``"released"`` (the default) computes what the released ``simrl.py`` of

@@ -1,4 +1,7 @@
-"""The CKD stage: config, batch schedule, teacher cache, training loop and exact resume."""
+"""The CKD stage: config, batch schedule, teacher cache, training loop and exact resume.
+
+(Over 400 lines: the cases share the teacher fixture built once per module here.)
+"""
 
 from pathlib import Path
 

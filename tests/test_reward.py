@@ -2,7 +2,9 @@
 test_reward_sweep.py, the released rules against an oracle of the released code in
 test_reward_released.py, the parser in test_parse_response.py, tool specs in test_tools.py.
 
-Expected values are worked out by hand in comments so a reader can check them. The cases
+(Over 400 lines: one hand-computed case per reward rule, for both rule sets; splitting it
+would scatter the rules' cases.) Expected values are worked out by hand in comments so a
+reader can check them. The cases
 up to "GRPO helpers" are the ``"strict"`` rule set's; the released rules (the default)
 have their own hand-worked section at the end.
 """

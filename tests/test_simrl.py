@@ -1,5 +1,6 @@
 """The Sim-RL stage: config, rollouts and reward, dynamic filtering, the GRPO loss against
-full logits, and exact resume.
+full logits, and exact resume. (Over 400 lines: the stage's end-to-end cases share the
+policy fixture built here, which is expensive to build twice.)
 
 A random tiny policy almost never writes a valid tool call, so the real similarity reward
 gives it -1 everywhere and every group is filtered out. Tests that need groups to be kept
