@@ -32,6 +32,7 @@ struct CkdScratch {
   std::vector<T> heap;       // the m largest values seen (min-heap)
   std::vector<T> copy;       // nth_element scratch (select_algo 1)
   std::vector<int64_t> conf_idx;  // the student's confident set M
+  std::vector<int64_t> tie_idx;   // ids whose value equals the m-th largest, ascending
   std::vector<T> conf_e;     // exp(z - max) at M
   std::vector<T> zs;         // scaled logits at the teacher ids
 };
@@ -93,13 +94,16 @@ STAR_INLINE void scale_and_select(T* z, int64_t V, T inv_t, bool scale, int64_t 
   }
 }
 
-// Pass B: record M = {v : z_v >= thr}, overwrite z with e = exp(z - max), return sum e.
+// Pass B: record {v : z_v > thr} in conf_idx and {v : z_v == thr} (ascending) in
+// tie_idx, overwrite z with e = exp(z - max), return sum e. The caller completes M
+// with the lowest tied ids (see admit_ties).
 template <typename T>
 STAR_INLINE double exp_and_confident(T* z, int64_t V, T mx, T thr, CkdScratch<T>& s) {
   const int64_t nb = V / kBlock;
   const int64_t tail = V - nb * kBlock;
   const T* bmax = s.bmax.data();
   s.conf_idx.clear();
+  s.tie_idx.clear();
   double dacc[kBlock] = {};
   for (int64_t b0 = 0; b0 < nb; b0 += kFlushBlocks) {
     const int64_t b1 = std::min(nb, b0 + kFlushBlocks);
@@ -107,8 +111,10 @@ STAR_INLINE double exp_and_confident(T* z, int64_t V, T mx, T thr, CkdScratch<T>
     for (int64_t b = b0; b < b1; ++b) {
       T* zb = z + b * kBlock;
       if (bmax[b] >= thr) {
-        for (int64_t j = 0; j < kBlock; ++j)
-          if (zb[j] >= thr) s.conf_idx.push_back(b * kBlock + j);
+        for (int64_t j = 0; j < kBlock; ++j) {
+          if (zb[j] > thr) s.conf_idx.push_back(b * kBlock + j);
+          else if (zb[j] == thr) s.tie_idx.push_back(b * kBlock + j);
+        }
       }
 #pragma omp simd
       for (int64_t j = 0; j < kBlock; ++j) {
@@ -123,12 +129,24 @@ STAR_INLINE double exp_and_confident(T* z, int64_t V, T mx, T thr, CkdScratch<T>
   for (int64_t j = 0; j < kBlock; ++j) sum += dacc[j];
   for (int64_t j = 0; j < tail; ++j) {
     const int64_t v = nb * kBlock + j;
-    if (z[v] >= thr) s.conf_idx.push_back(v);
+    if (z[v] > thr) s.conf_idx.push_back(v);
+    else if (z[v] == thr) s.tie_idx.push_back(v);
     T e = exp_nonpos(static_cast<T>(z[v] - mx));
     z[v] = e;
     sum += static_cast<double>(e);
   }
   return sum;
+}
+
+// |M| = m exactly: every id above thr, then the lowest tied ids. Returns the largest
+// admitted tied id (-1 when none): v is in M iff z_v > thr or (z_v == thr and v <= it).
+template <typename T>
+STAR_INLINE int64_t admit_ties(int64_t m, CkdScratch<T>& s) {
+  const int64_t admit = std::min<int64_t>(
+      m - static_cast<int64_t>(s.conf_idx.size()), static_cast<int64_t>(s.tie_idx.size()));
+  if (admit <= 0) return -1;
+  s.conf_idx.insert(s.conf_idx.end(), s.tie_idx.begin(), s.tie_idx.begin() + admit);
+  return s.tie_idx[admit - 1];
 }
 
 template <typename T>
@@ -158,6 +176,10 @@ STAR_INLINE void ckd_range_impl(const CkdArgs<T>& a, int64_t begin, int64_t end)
     }
 
     const double sum = exp_and_confident(z, V, mx, thr, s);
+    const int64_t tie_cut = admit_ties(m, s);
+    auto in_m = [&](int64_t j) {
+      return s.zs[j] > thr || (s.zs[j] == thr && ids[j] <= tie_cut);
+    };
     const double log_sum = std::log(sum);
     const double lse = static_cast<double>(mx) + log_sum;
     const int64_t n_conf = static_cast<int64_t>(s.conf_idx.size());
@@ -179,7 +201,7 @@ STAR_INLINE void ckd_range_impl(const CkdArgs<T>& a, int64_t begin, int64_t end)
       fkl += p * (lp - logq);
       teacher_mass += p;
       student_mass += q;
-      if (s.zs[j] >= thr) conf_hit += q;
+      if (in_m(j)) conf_hit += q;
     }
     const double mistake = conf_e / sum - conf_hit;
     double loss = fkl + lam * mistake;
@@ -215,7 +237,7 @@ STAR_INLINE void ckd_range_impl(const CkdArgs<T>& a, int64_t begin, int64_t end)
       if (!std::isfinite(lp)) continue;
       const double p = std::exp(lp);
       const double q = std::exp(static_cast<double>(s.zs[j]) - lse);
-      const double hit = s.zs[j] >= thr ? 1.0 : 0.0;
+      const double hit = in_m(j) ? 1.0 : 0.0;
       const double g = mix * (tail_ratio * q - p - lam * q * hit) * sc;
       z[ids[j]] = static_cast<T>(static_cast<double>(z[ids[j]]) + g);
     }

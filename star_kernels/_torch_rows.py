@@ -22,6 +22,31 @@ def ckd_workspace_bytes(dtype: torch.dtype) -> int:
     return item + float_copy + _compute_dtype(dtype).itemsize + 1
 
 
+def _trim_ties(z, confident, threshold, excess, block: int = 8192):
+    """Drop the ``excess`` highest tied ids (value == threshold) from ``confident``,
+    through ``[C, block]`` temporaries (a running count of ties from the row's end)."""
+    seen = torch.zeros_like(excess)
+    for end in range(z.shape[1], 0, -block):
+        cols = slice(max(0, end - block), end)
+        tie = z[:, cols] == threshold
+        from_end = tie.flip(1).cumsum(1, dtype=torch.int32).flip(1) + seen[:, None]
+        confident[:, cols] &= ~(tie & (from_end <= excess[:, None]))
+        seen += tie.sum(1, dtype=torch.int32)
+
+
+def top_m_mask(z, m: int) -> torch.Tensor:
+    """``[C, V]`` bool: each row's ``m`` largest values, exactly ``m`` ids; among ids tied
+    at the m-th value the lowest ids are taken (the fixed tie rule of every backend)."""
+    threshold = z.topk(m, dim=1, sorted=False).values.amin(1, keepdim=True)
+    confident = z >= threshold
+    excess = confident.sum(1, dtype=torch.int32) - m
+    # No host synchronisation on accelerators: trim unconditionally there. On CPU the
+    # check is free and most fp32 rows have no tie at the threshold.
+    if z.device.type != "cpu" or bool((excess > 0).any()):
+        _trim_ties(z, confident, threshold, excess)
+    return confident
+
+
 def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: CKDConfig):
     """Per-row CKD loss of a ``[C, V]`` logits chunk, and its gradient in place."""
     ctype = _compute_dtype(logits.dtype)
@@ -30,8 +55,7 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
         z.mul_(1.0 / cfg.temperature)
     lam, mix = cfg.tail_coef, cfg.kd_ratio
 
-    threshold = z.topk(cfg.student_topm, dim=1, sorted=False).values.amin(1, keepdim=True)
-    confident = z >= threshold
+    confident = top_m_mask(z, cfg.student_topm)
     ids = teacher_ids.long()
     z_s = z.gather(1, ids)
     if mix < 1.0:
@@ -52,7 +76,7 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
     logq_s = z_s - lse
     q_s = torch.where(ranked, logq_s.exp(), 0.0)
     fkl = torch.where(ranked, p * (tlp - logq_s), 0.0).sum(1)
-    s_confident = ranked & (z_s >= threshold)
+    s_confident = ranked & confident.gather(1, ids)
     if mix < 1.0:
         ce = keep * (lse[:, 0] - z_label)
     q_confident = torch.where(confident, q, 0.0)  # q on M; reused by the gradient

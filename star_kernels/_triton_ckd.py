@@ -14,7 +14,12 @@ the chunk is the only workspace. Per row:
    level without a pass of its own: at the last level every histogram bin holds a
    single exact value, so its mass is ``count * exp(value - lse)``. Only a select
    that stopped early, above the last level, needs a separate mass pass;
-4. the gradient pass overwrites the row (read-modify-write of each element), then
+4. |M| = m exactly: when the select reached the last level and more ids tie at the
+   m-th value than M has room for, one more pass counts the ties per block to find
+   the block of the ``rank``-th tied id, then a bisection over that one block finds
+   the id; ties are admitted lowest ids first; the confident mass counts ``rank``
+   copies of the threshold value;
+5. the gradient pass overwrites the row (read-modify-write of each element), then
    the teacher ids and the label are patched after barriers.
 
 Keys: 16-bit logits (bf16, fp16) use the 16-bit key of the stored value, two levels,
@@ -31,7 +36,8 @@ fp32, any T            2-4 passes   3-5 (5 at most)       2-4
 =====================  ===========  ====================  =====================
 
 (fp32: ``1 + levels refined + (1 if the select stopped above the last level)``,
-at most 4, plus the gradient pass. The previous version always added a separate
+at most 4, plus the gradient pass. A row whose ties at the m-th value are cut reads
+the row once more, in every variant: common in bf16, rare in fp32. The previous version always added a separate
 confident-mass pass: 5 reads for 16-bit logits, up to 6 in fp32 or at T != 1.)
 ``tests/test_triton_ckd_passes.py`` counts the bytes the interpreter loads from the
 chunk and checks this table. The teacher ids and the label are gathered from the
@@ -222,6 +228,39 @@ def _ckd_row_kernel(
     # thr: the exact key of the m-th largest logit, or the lower edge of a bin whose
     # elements are all among the top m.
     thr = prefix << (KEY_BITS - RADIX_BITS * levels_done)
+    # |M| = m exactly: an id is in M when its key is above thr, or equal to it and the
+    # id is at most tie_cut. All of a bin that the select stopped on is in M; at the
+    # last level, ``rank`` of the ``in_bin`` ids tied at thr are, the lowest ids first:
+    # one more pass over the row finds the rank-th tied id (only when ties are cut).
+    tie_cut = V
+    if levels_done == LEVELS:
+        if in_bin != rank:
+            # Which block holds the rank-th tied id, and its rank there (scalar sums,
+            # no scan), then a bisection on the id within that one block.
+            seen = 0
+            found = -1
+            rank_in = 0
+            for i in range(n_blocks):
+                offs = i * BLOCK_V + tl.arange(0, BLOCK_V)
+                valid = offs < V
+                x, key = _load_keys(row_ptr, offs, valid, inv_t, KEY16)
+                n_tie = tl.sum((valid & (key == thr)).to(tl.int32), 0)
+                hit = (found < 0) & (seen + n_tie >= rank)
+                found = tl.where(hit, i, found)
+                rank_in = tl.where(hit, rank - seen, rank_in)
+                seen += n_tie
+            offs = found * BLOCK_V + tl.arange(0, BLOCK_V)
+            valid = offs < V
+            x, key = _load_keys(row_ptr, offs, valid, inv_t, KEY16)
+            tie = valid & (key == thr)
+            lo = found * BLOCK_V
+            hi = found * BLOCK_V + BLOCK_V - 1
+            for _ in tl.static_range(11):  # log2 of the largest BLOCK_V, 2048
+                mid = (lo + hi) // 2
+                enough = tl.sum((tie & (offs <= mid)).to(tl.int32), 0) >= rank_in
+                hi = tl.where(enough, mid, hi)
+                lo = tl.where(enough, lo, mid + 1)
+            tie_cut = lo
 
     # The confident mass sum_{key >= thr} q_v.
     if levels_done == LEVELS:
@@ -229,9 +268,10 @@ def _ckd_row_kernel(
         bins = tl.arange(0, NB)
         keys = ((prefix >> RADIX_BITS) << RADIX_BITS) | bins.to(tl.uint32)
         vals = _key_value(keys, inv_t, dtype, KEY16)
-        take = (bins >= b) & (hist > 0)
+        count = tl.where(bins == b, rank, hist)  # the admitted ties at thr
+        take = (bins >= b) & (count > 0)
         conf_mass = mass_above + tl.sum(
-            tl.where(take, hist.to(tl.float32) * tl.exp(vals - lse), 0.0), 0)
+            tl.where(take, count.to(tl.float32) * tl.exp(vals - lse), 0.0), 0)
     else:
         # The select stopped above the last level: one mass pass.
         conf_mass = 0.0
@@ -245,7 +285,7 @@ def _ckd_row_kernel(
     p = tl.where(ranked, tl.exp(tlp), 0.0)
     logq_s = x_s - lse
     q_s = tl.where(ranked, tl.exp(logq_s), 0.0)
-    s_conf = ranked & (key_s >= thr)
+    s_conf = ranked & ((key_s > thr) | ((key_s == thr) & (ids <= tie_cut)))
     fkl = tl.sum(p * (tl.where(ranked, tlp, 0.0) - tl.where(ranked, logq_s, 0.0)), 0)
     mistake = conf_mass - tl.sum(tl.where(s_conf, q_s, 0.0), 0)
     teacher_mass = tl.sum(p, 0)
@@ -278,14 +318,17 @@ def _ckd_row_kernel(
             valid = offs < V
             # Each thread reads then overwrites the same elements: no other warp's.
             x, key = _load_keys(row_ptr, offs, valid, inv_t, KEY16)
-            coef = tl.where(key >= thr, dense + confident_extra, dense)
+            in_m = (key > thr) | ((key == thr) & (offs <= tie_cut))
+            coef = tl.where(in_m, dense + confident_extra, dense)
             g = tl.exp(x - lse) * coef
             tl.store(row_ptr + offs, g.to(dtype), mask=valid)
         tl.debug_barrier()
-        # Ranked ids are unique (validated), so these read-modify-writes don't collide;
-        # they read gradients written above, after the barrier.
+        # Ranked ids are unique (validated), so these writes don't collide; they come
+        # after the gradient pass's writes (barrier). Each teacher id's whole gradient is
+        # recomputed from its logit read above, not read back: a 16-bit dense part
+        # rounded, then corrected by a patch of similar size, would keep that rounding.
         patch = mix * (tail_ratio * q_s - p - lam * tl.where(s_conf, q_s, 0.0)) * s
-        g_s = tl.load(row_ptr + ids, mask=ranked, other=0.0).to(tl.float32)
+        g_s = q_s * tl.where(s_conf, dense + confident_extra, dense)  # q_s = exp(x_s - lse)
         tl.store(row_ptr + ids, (g_s + patch).to(dtype), mask=ranked)
         if HAS_LABELS:
             tl.debug_barrier()

@@ -59,8 +59,8 @@ def ckd_token_losses(
 ) -> torch.Tensor:
     """Per-token CKD loss from full logits ``[N, V]``; returns ``[N]``.
 
-    The student's confident set M holds every id whose scaled logit is at least
-    the m-th largest one (ties at the threshold are all included). Teacher
+    The student's confident set M holds exactly ``student_topm`` ids: the largest
+    scaled logits, and among ids tied at the m-th value the lowest ids. Teacher
     entries with a ``-inf`` log-prob are padding: they are not in S and add nothing.
     """
     logits = logits.to(_softmax_dtype(logits.dtype))
@@ -77,8 +77,9 @@ def ckd_token_losses(
     in_teacher = hits.scatter_reduce_(1, teacher_ids, finite.to(torch.uint8), "amax").bool()
     with torch.no_grad():
         scaled = logits.detach() / temperature
-        threshold = scaled.topk(student_topm, dim=1).values[:, -1:]
-        confident = scaled >= threshold
+        # A stable descending sort lists equal values by ascending id.
+        order = scaled.argsort(dim=1, descending=True, stable=True)[:, :student_topm]
+        confident = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, order, True)
     mistakes = confident & ~in_teacher
     mistake_mass = (q * mistakes).sum(1)
     kd = fkl + tail_coef * mistake_mass
