@@ -424,3 +424,34 @@ def test_released_length_walks_the_rl_prompt_stream_and_cycles_the_kd_data(run_c
     stream = [i for x in lines for i in x["examples"]]
     for first in range(0, 35, 7):
         assert sorted(stream[first:first + 7]) == list(range(7))
+
+
+def test_packed_micro_batches_train_exactly_as_padded_ones(run_config, tokenizer):
+    """Padding-free packing (positions restart per example, no attention mask): the same
+    target rows, losses, gradient norms and trained weights as right-padded micro-batches."""
+    quiet = dict(tokenizer=tokenizer, log=lambda *_: None)
+    padded = run_config(max_steps=3, batch_size=4, micro_batch_size=2, lr=1e-2,
+                        out_dir=run_config().train.out_dir + "-padded")
+    packed = run_config(max_steps=3, batch_size=4, micro_batch_size=2, lr=1e-2, packing=True,
+                        out_dir=run_config().train.out_dir + "-packed")
+    run_ckd(padded, **quiet)
+    run_ckd(packed, **quiet)
+    a, b = log_lines(padded.train.out_dir), log_lines(packed.train.out_dir)
+    assert [x["tokens"] for x in a] == [x["tokens"] for x in b]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    wa = weights(Path(padded.train.out_dir) / "final")
+    wb = weights(Path(packed.train.out_dir) / "final")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-6)
+
+
+def test_pack_batch_refuses_a_sequence_that_starts_with_a_target():
+    from star_train.data.examples import pack_batch
+
+    ok = pack_batch([(torch.tensor([1, 2, 3]), torch.tensor([False, True, True])),
+                     (torch.tensor([4, 5]), torch.tensor([False, True]))])
+    assert ok["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and ok["attention_mask"] is None
+    with pytest.raises(ValueError, match="first token is a target"):
+        pack_batch([(torch.tensor([1, 2]), torch.tensor([True, True]))])

@@ -169,6 +169,25 @@ def pad_batch(sequences: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
 
 
-def example_batch(examples: list[Example], pad_id: int) -> dict:
-    """One right-padded batch of training examples (see ``pad_batch``)."""
-    return pad_batch([(ex.input_ids, ex.target_mask) for ex in examples], pad_id)
+def pack_batch(sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The sequences end to end in one row, padding-free: ``input_ids``, ``target_mask`` and
+    ``position_ids`` ``[1, total]`` (positions restart at 0 for each sequence) and no
+    ``attention_mask``. With restarting positions and no mask, transformers' attention
+    keeps each sequence to itself (a block-diagonal causal mask from the positions).
+    A sequence's first token is never a target, so no target is predicted across a
+    boundary."""
+    input_ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _ in sequences])
+    target_mask = torch.cat([torch.as_tensor(mask, dtype=torch.bool) for _, mask in sequences])
+    positions = torch.cat([torch.arange(len(ids)) for ids, _ in sequences])
+    if any(bool(mask[0]) for _, mask in sequences):
+        raise ValueError("pack_batch: a sequence's first token is a target; packing would "
+                         "predict it from the previous sequence")
+    return {"input_ids": input_ids[None], "attention_mask": None,
+            "target_mask": target_mask[None], "position_ids": positions[None]}
+
+
+def example_batch(examples: list[Example], pad_id: int, packed: bool = False) -> dict:
+    """One batch of training examples: right-padded (``pad_batch``) or, with ``packed``,
+    padding-free in one row (``pack_batch``)."""
+    sequences = [(ex.input_ids, ex.target_mask) for ex in examples]
+    return pack_batch(sequences) if packed else pad_batch(sequences, pad_id)

@@ -141,8 +141,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def predicting_rows(model, batch: dict, device: torch.device) -> tuple:
     """``(rows [N, H], ids [N], weight, bias)``: the trunk's hidden states that predict the
     tokens marked by ``batch["target_mask"]`` (row-major over the batch), those tokens' ids
-    and the lm_head. ``batch`` is right-padded (``data.examples.pad_batch``)."""
+    and the lm_head. ``batch`` is right-padded (``data.examples.pad_batch``) or packed with
+    restarting ``position_ids`` and no attention mask (``data.examples.pack_batch``)."""
     input_ids = batch["input_ids"].to(device)
-    hidden, weight, bias = hidden_states(model, input_ids, batch["attention_mask"].to(device))
+    mask = batch["attention_mask"]
+    extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
+    hidden, weight, bias = hidden_states(model, input_ids,
+                                         None if mask is None else mask.to(device), **extra)
     predicts = batch["target_mask"][:, 1:].to(device)  # hidden at t - 1 predicts token t
     return hidden[:, :-1][predicts], input_ids[:, 1:][predicts], weight, bias

@@ -82,6 +82,7 @@ class CKDTrainConfig(TrainConfig):
     micro_batch_size: int = setting(2, min=1)  # released; with micro_batch loss normalization
     batch_size: int = setting(128, min=1)    # sequences per optimizer step
     epochs: int = setting(1, min=1)          # max_steps (if set) stops earlier
+    packing: bool = False  # each micro-batch as one padding-free row (positions restart)
     # As released, the CKD run walks the RL prompt stream (its on-policy samples unused)
     # and cycles the KD data: steps = RL prompts x samples_per_prompt / batch_size x
     # episodes. Set rl_prompts (a STAR jsonl) to train exactly that many steps; epochs
@@ -155,7 +156,8 @@ class CKDStage:
         return StepPlan(groups, sum(tokens), {"examples": indices}, micro_tokens=tokens)
 
     def micro_loss(self, model, indices):
-        batch = example_batch([self.examples[i] for i in indices], self.pad_id)
+        batch = example_batch([self.examples[i] for i in indices], self.pad_id,
+                              packed=self.cfg.train.packing)
         t_ids, t_logprobs = (torch.cat(parts).to(self.device)
                              for parts in zip(*(self.cache[i] for i in indices)))
         rows, targets, weight, bias = predicting_rows(model, batch, self.device)
