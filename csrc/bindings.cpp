@@ -36,7 +36,8 @@ void check_rows(const at::Tensor& t, int64_t rows, at::ScalarType dtype, const c
 at::Tensor ckd_rows(at::Tensor logits, at::Tensor ids, at::Tensor tlp,
                     std::optional<at::Tensor> labels, std::optional<at::Tensor> grad_scale,
                     double tail_coef, int64_t topm, double kd_ratio, double temperature,
-                    bool tail_bucket, int64_t ignore_index, int64_t select_algo) {
+                    bool tail_bucket, int64_t ignore_index, int64_t select_algo,
+                    int64_t kd_type) {
   TORCH_CHECK(logits.dim() == 2, "internal: logits must be [C, V]");
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "internal: logits dtype");
@@ -47,6 +48,8 @@ at::Tensor ckd_rows(at::Tensor logits, at::Tensor ids, at::Tensor tlp,
   TORCH_CHECK(tlp.size(1) == K, "internal: teacher shapes");
   TORCH_CHECK(topm >= 1 && topm <= V, "internal: student_topm out of range");
   TORCH_CHECK(select_algo == 0 || select_algo == 1, "internal: select_algo");
+  TORCH_CHECK(kd_type >= 0 && kd_type <= 2, "internal: kd_type");
+  TORCH_CHECK(kd_type == 0 || !tail_bucket, "internal: tail_bucket needs kd_type fkl");
   const bool need_labels = kd_ratio < 1.0;
   if (need_labels) {
     TORCH_CHECK(labels.has_value(), "internal: labels needed when kd_ratio < 1");
@@ -73,6 +76,7 @@ at::Tensor ckd_rows(at::Tensor logits, at::Tensor ids, at::Tensor tlp,
     a.ignore_index = ignore_index;
     a.topm = topm;
     a.select_algo = select_algo;
+    a.kd_type = kd_type;
     parallel_rows(C, [&](int64_t b, int64_t e) { ckd_range<scalar_t>(a, b, e); });
   });
   return loss;

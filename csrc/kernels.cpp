@@ -35,6 +35,7 @@ struct CkdScratch {
   std::vector<int64_t> tie_idx;   // ids whose value equals the m-th largest, ascending
   std::vector<T> conf_e;     // exp(z - max) at M
   std::vector<T> zs;         // scaled logits at the teacher ids
+  std::vector<double> gdiv;  // d(divergence) / d(log q_j) at the teacher entries
 };
 
 // Pass A: scale by 1/T in place, per-block maxima, and the m-th largest value.
@@ -149,6 +150,51 @@ STAR_INLINE int64_t admit_ties(int64_t m, CkdScratch<T>& s) {
   return s.tie_idx[admit - 1];
 }
 
+// The KD divergence over the teacher entries (kd_type 0 = fkl, 1 = rkl, 2 = akl; see
+// _torch_rows.kd_divergence) from fkl and rkl, and in g its derivative in each entry's
+// log q_j (0 at padding entries).
+template <typename T>
+STAR_INLINE double kd_divergence(int64_t kd_type, const T* tlp, const T* zs, int64_t K,
+                                 double lse, double fkl, double rkl, std::vector<double>& g) {
+  g.assign(K, 0.0);
+  double g_head = 0.0, g_tail = 0.0, before = 0.0;
+  for (int64_t j = 0; j < K; ++j) {
+    const double lp = static_cast<double>(tlp[j]);
+    if (!std::isfinite(lp)) continue;
+    const double p = std::exp(lp);
+    const double logq = static_cast<double>(zs[j]) - lse;
+    const double q = std::exp(logq);
+    if (kd_type == 0) {
+      g[j] = -p;
+    } else if (kd_type == 1) {
+      g[j] = q * (logq - lp + 1.0);
+    } else {
+      const bool head = j == 0 || before < 0.5;
+      (head ? g_head : g_tail) += std::abs(p - q);
+    }
+    before += p;
+  }
+  if (kd_type == 0) return fkl;
+  if (kd_type == 1) return rkl;
+  const double total = g_head + g_tail != 0.0 ? g_head + g_tail : 1e-9;
+  const double akl = (g_head * fkl + g_tail * rkl) / total;
+  before = 0.0;
+  for (int64_t j = 0; j < K; ++j) {
+    const double lp = static_cast<double>(tlp[j]);
+    if (!std::isfinite(lp)) continue;
+    const double p = std::exp(lp);
+    const double logq = static_cast<double>(zs[j]) - lse;
+    const double q = std::exp(logq);
+    const bool head = j == 0 || before < 0.5;
+    before += p;
+    const double diff = p - q;
+    const double sign = diff > 0.0 ? 1.0 : (diff < 0.0 ? -1.0 : 0.0);
+    g[j] = (g_tail * q * (logq - lp + 1.0) - g_head * p - sign * q * ((head ? fkl : rkl) - akl))
+           / total;
+  }
+  return akl;
+}
+
 template <typename T>
 STAR_INLINE void ckd_range_impl(const CkdArgs<T>& a, int64_t begin, int64_t end) {
   CkdScratch<T> s;
@@ -191,7 +237,7 @@ STAR_INLINE void ckd_range_impl(const CkdArgs<T>& a, int64_t begin, int64_t end)
       conf_e += static_cast<double>(e);
     }
 
-    double teacher_mass = 0.0, student_mass = 0.0, fkl = 0.0, conf_hit = 0.0;
+    double teacher_mass = 0.0, student_mass = 0.0, fkl = 0.0, rkl = 0.0, conf_hit = 0.0;
     for (int64_t j = 0; j < K; ++j) {
       const double lp = static_cast<double>(tlp[j]);
       if (!std::isfinite(lp)) continue;
@@ -199,12 +245,16 @@ STAR_INLINE void ckd_range_impl(const CkdArgs<T>& a, int64_t begin, int64_t end)
       const double logq = static_cast<double>(s.zs[j]) - lse;
       const double q = std::exp(logq);
       fkl += p * (lp - logq);
+      rkl += q * (logq - lp);
       teacher_mass += p;
       student_mass += q;
       if (in_m(j)) conf_hit += q;
     }
+    const double div = kd_divergence(a.kd_type, tlp, s.zs.data(), K, lse, fkl, rkl, s.gdiv);
+    double sum_g = 0.0;
+    for (int64_t j = 0; j < K; ++j) sum_g += s.gdiv[j];
     const double mistake = conf_e / sum - conf_hit;
-    double loss = fkl + lam * mistake;
+    double loss = div + lam * mistake;
     double tail_ratio = 0.0;
     if (a.tail_bucket) {
       const double p_tail = std::max(1.0 - teacher_mass, 0.0);
@@ -222,7 +272,7 @@ STAR_INLINE void ckd_range_impl(const CkdArgs<T>& a, int64_t begin, int64_t end)
     // d loss / d u_v = q_v * (dense + lam*mix*[v in M]) + corrections at the teacher
     // ids and the label, with u = z / T (hence the final 1/T folded into s).
     const double sc = static_cast<double>(a.grad_scale[r]) / a.temperature;
-    double dense = mix * (teacher_mass - lam * mistake - tail_ratio * student_mass);
+    double dense = mix * (-sum_g - lam * mistake - tail_ratio * student_mass);
     if (mix < 1.0 && keep) dense += 1.0 - mix;
     dense *= sc;
     const double conf_extra = mix * lam * sc;
@@ -235,10 +285,9 @@ STAR_INLINE void ckd_range_impl(const CkdArgs<T>& a, int64_t begin, int64_t end)
     for (int64_t j = 0; j < K; ++j) {
       const double lp = static_cast<double>(tlp[j]);
       if (!std::isfinite(lp)) continue;
-      const double p = std::exp(lp);
       const double q = std::exp(static_cast<double>(s.zs[j]) - lse);
       const double hit = in_m(j) ? 1.0 : 0.0;
-      const double g = mix * (tail_ratio * q - p - lam * q * hit) * sc;
+      const double g = mix * (tail_ratio * q + s.gdiv[j] - lam * q * hit) * sc;
       z[ids[j]] = static_cast<T>(static_cast<double>(z[ids[j]]) + g);
     }
     if (mix < 1.0 && keep)

@@ -21,6 +21,7 @@ struct CkdArgs {
   int64_t ignore_index;
   int64_t topm;
   int64_t select_algo;       // 0: size-m min-heap scan, 1: nth_element on a copy
+  int64_t kd_type;           // 0: fkl, 1: rkl, 2: akl
 };
 
 template <typename T>

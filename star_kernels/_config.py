@@ -19,7 +19,8 @@ class CKDConfig:
 
     ``tail_coef`` is lambda (weight of the confident-error mass), ``student_topm``
     is m, ``kd_ratio`` mixes KD with next-token CE, ``tail_bucket`` adds the
-    (k+1)-th bucket term so the objective is a true divergence.
+    (k+1)-th bucket term so the objective is a true divergence (fkl only), and
+    ``kd_type`` is the divergence over the teacher's entries: "fkl", "rkl" or "akl".
     """
 
     tail_coef: float = 10.0
@@ -28,6 +29,7 @@ class CKDConfig:
     temperature: float = 1.0
     tail_bucket: bool = False
     ignore_index: int = -100
+    kd_type: str = "fkl"
 
 
 @dataclass(frozen=True)

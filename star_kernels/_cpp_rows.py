@@ -49,6 +49,9 @@ def ckd_workspace_bytes(dtype: torch.dtype) -> int:
 topk_workspace_bytes = logprob_workspace_bytes = ckd_workspace_bytes
 
 
+KD_TYPES = ("fkl", "rkl", "akl")  # the kernel's kd_type codes 0, 1, 2
+
+
 def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: CKDConfig):
     """Per-row CKD loss of a ``[C, V]`` logits chunk, and its gradient in place."""
     z = _work_buffer(logits)
@@ -58,7 +61,7 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
         z, _rows(teacher_ids, torch.int64), _rows(teacher_logprobs, ctype), lab,
         _rows(grad_scale, ctype), float(cfg.tail_coef), int(cfg.student_topm),
         float(cfg.kd_ratio), float(cfg.temperature), bool(cfg.tail_bucket),
-        int(cfg.ignore_index), _SELECT_ALGO)
+        int(cfg.ignore_index), _SELECT_ALGO, KD_TYPES.index(cfg.kd_type))
     if grad_scale is None:
         return (loss,), None
     if z is not logits:

@@ -22,6 +22,37 @@ def ckd_workspace_bytes(dtype: torch.dtype) -> int:
     return item + float_copy + _compute_dtype(dtype).itemsize + 1
 
 
+def kd_divergence(kd_type, p, tlp, logq_s, q_s, ranked, fkl):
+    """The divergence over the teacher entries (``[C]``) and its derivative in each
+    entry's ``log q_j`` (``[C, K]``, 0 at padding), for ``kd_type`` fkl / rkl / akl.
+
+    With ``G_j`` that derivative, the divergence's gradient in the scaled logits is
+    ``G_j`` at the teacher ids minus ``q_v * sum_j G_j`` everywhere (fkl: ``G = -p``).
+    """
+    if kd_type == "fkl":
+        return fkl, -p
+    r_terms = q_s * (torch.where(ranked, logq_s, 0.0) - torch.where(ranked, tlp, 0.0))
+    rkl = r_terms.sum(1)
+    d_rkl = r_terms + q_s  # q (log q - log p + 1)
+    if kd_type == "rkl":
+        return rkl, d_rkl
+    # akl: margins |p - q| weigh fkl on the head entries and rkl on the tail ones.
+    head = (p.cumsum(1) - p) < 0.5
+    head[:, 0] = True
+    diff = p - q_s  # 0 at padding (p = q_s = 0 there)
+    margin = diff.abs()
+    g_head = (margin * head).sum(1)
+    g_tail = (margin * ~head).sum(1)
+    total = g_head + g_tail
+    total = torch.where(total != 0, total, 1e-9)[:, None]
+    akl = (g_head * fkl + g_tail * rkl) / total[:, 0]
+    # d margin_j / d log q_j = -sign(p_j - q_j) q_j (0 at a zero margin, as autograd).
+    weight = torch.where(head, fkl[:, None], rkl[:, None]) - akl[:, None]
+    grad = (g_tail[:, None] * d_rkl - g_head[:, None] * p
+            - torch.sign(diff) * q_s * weight) / total
+    return akl, grad
+
+
 def _trim_ties(z, confident, threshold, excess, block: int = 8192):
     """Drop the ``excess`` highest tied ids (value == threshold) from ``confident``,
     through ``[C, block]`` temporaries (a running count of ties from the row's end)."""
@@ -82,7 +113,8 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
     q_confident = torch.where(confident, q, 0.0)  # q on M; reused by the gradient
     confident_mass = q_confident.sum(1)
     mistake_mass = confident_mass - (q_s * s_confident).sum(1)
-    loss = fkl + lam * mistake_mass
+    div, g_div = kd_divergence(cfg.kd_type, p, tlp, logq_s, q_s, ranked, fkl)
+    loss = div + lam * mistake_mass
 
     tail_ratio = torch.zeros_like(fkl)
     teacher_mass, student_mass = p.sum(1), q_s.sum(1)
@@ -100,12 +132,12 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
     # d loss / d u_v = q_v * (dense + lam*mix*[v in M]) + sparse corrections at
     # teacher ids and the label, with u = z / T (so a final 1/T).
     s = grad_scale.to(ctype) / cfg.temperature
-    dense = mix * (teacher_mass - lam * mistake_mass - tail_ratio * student_mass)
+    dense = mix * (-g_div.sum(1) - lam * mistake_mass - tail_ratio * student_mass)
     if mix < 1.0:
         dense = dense + (1.0 - mix) * keep
     dense = dense * s
     g = q.mul_(dense[:, None]).addcmul_(q_confident, (mix * lam) * s[:, None])
-    at_teacher = mix * (tail_ratio[:, None] * q_s - p - lam * q_s * s_confident)
+    at_teacher = mix * (tail_ratio[:, None] * q_s + g_div - lam * q_s * s_confident)
     g.scatter_add_(1, ids, at_teacher * s[:, None])
     if mix < 1.0:
         g.scatter_add_(1, safe_labels, (-(1.0 - mix) * s * keep)[:, None])

@@ -68,6 +68,8 @@ HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 BLOCK_V = 2048
 NUM_WARPS = 8
 
+KD_TYPES = ("fkl", "rkl", "akl")  # the kernel's KD_TYPE codes 0, 1, 2
+
 
 @triton.jit
 def _order_key(x):
@@ -163,7 +165,7 @@ def _ckd_row_kernel(
     logits_ptr, stride_row, ids_ptr, tlp_ptr, stride_k, labels_ptr, scale_ptr, loss_ptr,
     V, K, topm, inv_t, lam, mix, ignore_index,
     HAS_LABELS: tl.constexpr, TAIL_BUCKET: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    KEY16: tl.constexpr, HIST_MASK: tl.constexpr, RADIX_BITS: tl.constexpr,
+    KD_TYPE: tl.constexpr, KEY16: tl.constexpr, HIST_MASK: tl.constexpr, RADIX_BITS: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     NB: tl.constexpr = 1 << RADIX_BITS
@@ -286,11 +288,37 @@ def _ckd_row_kernel(
     logq_s = x_s - lse
     q_s = tl.where(ranked, tl.exp(logq_s), 0.0)
     s_conf = ranked & ((key_s > thr) | ((key_s == thr) & (ids <= tie_cut)))
-    fkl = tl.sum(p * (tl.where(ranked, tlp, 0.0) - tl.where(ranked, logq_s, 0.0)), 0)
+    safe_lp = tl.where(ranked, tlp, 0.0)
+    safe_lq = tl.where(ranked, logq_s, 0.0)
+    fkl = tl.sum(p * (safe_lp - safe_lq), 0)
+    # The divergence over the teacher entries and its derivative g_div in each
+    # entry's log q_j (see _torch_rows.kd_divergence): 0 fkl, 1 rkl, 2 akl.
+    if KD_TYPE == 0:
+        div = fkl
+        g_div = -p
+    else:
+        r_terms = q_s * (safe_lq - safe_lp)
+        rkl = tl.sum(r_terms, 0)
+        d_rkl = r_terms + q_s
+        if KD_TYPE == 1:
+            div = rkl
+            g_div = d_rkl
+        else:
+            head = ((tl.cumsum(p, 0) - p) < 0.5) | (koffs == 0)
+            diff = p - q_s
+            margin = tl.abs(diff)
+            g_head = tl.sum(tl.where(head, margin, 0.0), 0)
+            g_tail = tl.sum(tl.where(head, 0.0, margin), 0)
+            total = g_head + g_tail
+            total = tl.where(total != 0.0, total, 1e-9)
+            div = (g_head * fkl + g_tail * rkl) / total
+            sign = tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+            w_entry = tl.where(head, fkl, rkl) - div
+            g_div = (g_tail * d_rkl - g_head * p - sign * q_s * w_entry) / total
     mistake = conf_mass - tl.sum(tl.where(s_conf, q_s, 0.0), 0)
     teacher_mass = tl.sum(p, 0)
     student_mass = tl.sum(q_s, 0)
-    loss = fkl + lam * mistake
+    loss = div + lam * mistake
     tail_ratio = 0.0
     if TAIL_BUCKET:
         p_tail = tl.maximum(1.0 - teacher_mass, 0.0)
@@ -310,7 +338,7 @@ def _ckd_row_kernel(
         # barrier makes them complete in all warps before any warp writes.
         tl.debug_barrier()
         s = tl.load(scale_ptr + row).to(tl.float32) * inv_t
-        dense = (mix * (teacher_mass - lam * mistake - tail_ratio * student_mass)
+        dense = (mix * (-tl.sum(g_div, 0) - lam * mistake - tail_ratio * student_mass)
                  + (1.0 - mix) * keep) * s
         confident_extra = mix * lam * s
         for i in range(n_blocks):
@@ -327,7 +355,7 @@ def _ckd_row_kernel(
         # after the gradient pass's writes (barrier). Each teacher id's whole gradient is
         # recomputed from its logit read above, not read back: a 16-bit dense part
         # rounded, then corrected by a patch of similar size, would keep that rounding.
-        patch = mix * (tail_ratio * q_s - p - lam * tl.where(s_conf, q_s, 0.0)) * s
+        patch = mix * (tail_ratio * q_s + g_div - lam * tl.where(s_conf, q_s, 0.0)) * s
         g_s = q_s * tl.where(s_conf, dense + confident_extra, dense)  # q_s = exp(x_s - lse)
         tl.store(row_ptr + ids, (g_s + patch).to(dtype), mask=ranked)
         if HAS_LABELS:
@@ -344,7 +372,7 @@ def ckd_workspace_bytes(dtype: torch.dtype) -> int:
 
 def launch_config(logits: torch.Tensor, cfg: CKDConfig) -> dict:
     """Constexprs and launch options of :func:`_ckd_row_kernel` for these logits
-    (everything but HAS_LABELS, TAIL_BUCKET, COMPUTE_GRAD and BLOCK_K)."""
+    (everything but HAS_LABELS, TAIL_BUCKET, COMPUTE_GRAD, KD_TYPE and BLOCK_K)."""
     return {"KEY16": logits.element_size() == 2, "HIST_MASK": HIST_MASK,
             "RADIX_BITS": RADIX_BITS, "num_warps": NUM_WARPS,
             "BLOCK_V": min(BLOCK_V, triton.next_power_of_2(logits.shape[1]))}
@@ -369,6 +397,6 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
         vocab, k, cfg.student_topm, 1.0 / cfg.temperature, cfg.tail_coef, cfg.kd_ratio,
         cfg.ignore_index,
         HAS_LABELS=has_labels, TAIL_BUCKET=cfg.tail_bucket, COMPUTE_GRAD=compute_grad,
-        BLOCK_K=triton.next_power_of_2(k), **launch_config(logits, cfg),
+        KD_TYPE=KD_TYPES.index(cfg.kd_type), BLOCK_K=triton.next_power_of_2(k), **launch_config(logits, cfg),
     )
     return (loss,), (logits if compute_grad else None)

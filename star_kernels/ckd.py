@@ -16,6 +16,7 @@ from ._chunked import cast_operands, finish_grad, rows_per_chunk, run_chunks
 from ._config import CKDConfig, CKDOptions, RunOptions
 
 REDUCTIONS = ("mean", "sum", "none")
+KD_TYPES = ("fkl", "rkl", "akl")
 
 
 class _CKDFunction(torch.autograd.Function):
@@ -101,6 +102,10 @@ def _check_ckd_args(hidden, weight, teacher_ids, teacher_logprobs, mask, bias,
     if not (cfg.tail_coef >= 0.0 and cfg.tail_coef != float("inf")):
         raise ValueError(f"tail_coef must be a finite number >= 0, got {cfg.tail_coef!r}")
     V.check_positive("temperature", cfg.temperature)
+    V.check_choice("kd_type", cfg.kd_type, KD_TYPES)
+    if cfg.tail_bucket and cfg.kd_type != "fkl":
+        raise ValueError(f"tail_bucket applies to kd_type='fkl' only, got "
+                         f"kd_type={cfg.kd_type!r}")
     V.check_choice("reduction", reduction, REDUCTIONS)
     V.check_memory_budget(memory_budget)
     if cfg.kd_ratio < 1.0:
@@ -129,6 +134,7 @@ def fused_linear_ckd_loss(
     *,
     tail_bucket: bool = False,
     ignore_index: int = -100,
+    kd_type: str = "fkl",
     memory_budget: int | None = None,
     validate: str = "auto",
 ) -> torch.Tensor:
@@ -137,9 +143,19 @@ def fused_linear_ckd_loss(
     Per valid token: ``sum_{j in S} p_j (log p_j - log q_j) + tail_coef * sum_{v in
     M \\ S} q_v`` where ``q = softmax((hidden @ weight.T + bias) / temperature)``,
     ``S`` are the teacher's ids (``-inf`` log-probs are padding) and ``M`` the
-    student's ``student_topm`` most likely ids (ties at the threshold included).
-    ``kd_ratio < 1`` mixes in next-token CE on ``labels`` (``ignore_index`` skips
-    a token's CE). ``tail_bucket=True`` adds the (k+1)-th bucket term.
+    student's ``student_topm`` most likely ids: exactly that many, the lowest ids
+    first among ids tied at the m-th value. ``kd_ratio < 1`` mixes in next-token CE
+    on ``labels`` (``ignore_index`` skips a token's CE). ``tail_bucket=True`` adds
+    the (k+1)-th bucket term (``kd_type="fkl"`` only).
+
+    ``kd_type`` replaces the first sum, as the released trainer's ``kd_kl_type``:
+    ``"fkl"`` (above, the default), ``"rkl"`` = ``sum_{j in S} q_j (log q_j - log
+    p_j)``, or ``"akl"`` = ``(g_head * fkl + g_tail * rkl) / (g_head + g_tail)``
+    (a zero denominator counts as 1e-9), ``g_head`` and ``g_tail`` the sums of
+    ``|p_j - q_j|`` over the head entries (in the given order, those before which
+    the teacher's cumulative probability is below 0.5; the first always) and over
+    the rest; its gradient flows through ``q`` in the margins and weights too.
+    Padding entries add nothing to any of them.
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states.
@@ -171,7 +187,8 @@ def fused_linear_ckd_loss(
     """
     cfg = CKDConfig(tail_coef=float(tail_coef), student_topm=student_topm,
                     kd_ratio=float(kd_ratio), temperature=float(temperature),
-                    tail_bucket=bool(tail_bucket), ignore_index=ignore_index)
+                    tail_bucket=bool(tail_bucket), ignore_index=ignore_index,
+                    kd_type=kd_type)
     checks = _check_ckd_args(hidden, weight, teacher_ids, teacher_logprobs, mask, bias, labels,
                              cfg, reduction, memory_budget, validate)
     backend = _backends.resolve(backend, hidden.device)
@@ -208,13 +225,13 @@ class FusedLinearCKDLoss(torch.nn.Module):
 
     def __init__(self, tail_coef: float = 10.0, student_topm: int = 100, kd_ratio: float = 1.0,
                  temperature: float = 1.0, reduction: str = "mean", backend: str = "auto", *,
-                 tail_bucket: bool = False, ignore_index: int = -100,
+                 tail_bucket: bool = False, ignore_index: int = -100, kd_type: str = "fkl",
                  memory_budget: int | None = None, validate: str = "auto"):
         super().__init__()
         self.knobs = dict(tail_coef=tail_coef, student_topm=student_topm, kd_ratio=kd_ratio,
                           temperature=temperature, reduction=reduction, backend=backend,
                           tail_bucket=tail_bucket, ignore_index=ignore_index,
-                          memory_budget=memory_budget, validate=validate)
+                          kd_type=kd_type, memory_budget=memory_budget, validate=validate)
 
     def forward(self, hidden, weight, teacher_ids, teacher_logprobs, mask=None, bias=None,
                 labels=None):

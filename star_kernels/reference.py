@@ -56,8 +56,18 @@ def ckd_token_losses(
     temperature: float = 1.0,
     tail_bucket: bool = False,
     ignore_index: int = -100,
+    kd_type: str = "fkl",
 ) -> torch.Tensor:
     """Per-token CKD loss from full logits ``[N, V]``; returns ``[N]``.
+
+    ``kd_type`` is the divergence over the teacher's k entries S (``p`` teacher,
+    ``q`` student probabilities, both full-vocabulary normalised): ``"fkl"`` =
+    ``sum_S p (log p - log q)``, ``"rkl"`` = ``sum_S q (log q - log p)``, ``"akl"`` =
+    ``(g_head * fkl + g_tail * rkl) / (g_head + g_tail)`` (a zero denominator counts
+    as 1e-9) with ``g_head`` / ``g_tail`` the sums of ``|p_j - q_j|`` over the head
+    entries (those, in the given order, before which the teacher's cumulative mass
+    is below 0.5; the first entry always) and the others. Autograd differentiates
+    all of it, margins and weights included.
 
     The student's confident set M holds exactly ``student_topm`` ids: the largest
     scaled logits, and among ids tied at the m-th value the lowest ids. Teacher
@@ -72,6 +82,22 @@ def ckd_token_losses(
     safe_lp = torch.where(finite, teacher_logprobs, torch.zeros_like(teacher_logprobs))
     logq_s = logq.gather(1, teacher_ids)
     fkl = (p * (safe_lp - logq_s)).sum(1)
+    div = fkl
+    if kd_type != "fkl":
+        q_s = torch.where(finite, logq_s.exp(), torch.zeros_like(logq_s))
+        rkl = (q_s * (logq_s - safe_lp)).sum(1)
+    if kd_type == "rkl":
+        div = rkl
+    elif kd_type == "akl":
+        before = p.cumsum(1) - p  # teacher mass of the entries before each one
+        head = before < 0.5
+        head[:, 0] = True
+        margin = (p - q_s).abs()
+        g_head = (margin * head).sum(1)
+        g_tail = (margin * ~head).sum(1)
+        total = g_head + g_tail
+        total = torch.where(total != 0, total, torch.full_like(total, 1e-9))
+        div = (g_head * fkl + g_tail * rkl) / total
 
     hits = torch.zeros(logits.shape, dtype=torch.uint8, device=logits.device)
     in_teacher = hits.scatter_reduce_(1, teacher_ids, finite.to(torch.uint8), "amax").bool()
@@ -82,9 +108,11 @@ def ckd_token_losses(
         confident = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, order, True)
     mistakes = confident & ~in_teacher
     mistake_mass = (q * mistakes).sum(1)
-    kd = fkl + tail_coef * mistake_mass
+    kd = div + tail_coef * mistake_mass
 
     if tail_bucket:
+        if kd_type != "fkl":
+            raise ValueError("tail_bucket applies to kd_type='fkl' only")
         p_tail = (1.0 - p.sum(1)).clamp_min(0.0)
         q_tail = (q * ~in_teacher).sum(1)
         kd = kd + torch.xlogy(p_tail, p_tail) - torch.xlogy(p_tail, q_tail)
@@ -113,6 +141,7 @@ def fused_linear_ckd_loss(
     *,
     tail_bucket: bool = False,
     ignore_index: int = -100,
+    kd_type: str = "fkl",
     **ignored,
 ) -> torch.Tensor:
     """Reference for :func:`star_kernels.fused_linear_ckd_loss` (same arguments)."""
@@ -124,7 +153,7 @@ def fused_linear_ckd_loss(
         linear_logits(hidden, weight, bias), teacher_ids.reshape(-1, k),
         teacher_logprobs.reshape(-1, k), tail_coef=tail_coef, student_topm=student_topm,
         kd_ratio=kd_ratio, labels=flat_labels, temperature=temperature,
-        tail_bucket=tail_bucket, ignore_index=ignore_index)
+        tail_bucket=tail_bucket, ignore_index=ignore_index, kd_type=kd_type)
     keep = torch.ones_like(per_token, dtype=torch.bool) if mask is None else mask.reshape(-1) != 0
     per_token = per_token * keep
     if reduction == "none":

@@ -80,7 +80,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     labels = torch.randint(0, V, (N,), generator=g)
     tok = torch.randint(0, V, (N,), generator=g)
     for grad in (False, True):
-        for knobs in (dict(), dict(kd_ratio=0.5, tail_bucket=True, temperature=1.3)):
+        for knobs in (dict(), dict(kd_ratio=0.5, tail_bucket=True, temperature=1.3),
+                      dict(kd_type="rkl"), dict(kd_type="akl", kd_ratio=0.5)):
             hh, ww = h.clone().requires_grad_(grad), w.clone().requires_grad_(grad)
             loss = sk.fused_linear_ckd_loss(hh, ww, ids, lps, labels=labels, backend="triton",
                                             **knobs)
@@ -196,9 +197,11 @@ def test_capture_sees_every_kernel_variant(launches):
     for launch in launches:
         kernels.setdefault(launch["kernel"], []).append(launch)
     assert set(kernels) == {"_ckd_row_kernel", "_topk_kernel", "_logprob_kernel"}
-    # CKD: 3 dtypes x grad/no grad x (plain, labels + tail bucket); 16-bit keys for 2.
+    # CKD: 3 dtypes x grad/no grad x (plain, labels + tail bucket, rkl, akl + labels);
+    # 16-bit keys for 2.
     ckd = kernels["_ckd_row_kernel"]
-    assert len(ckd) == 12
+    assert len(ckd) == 24
+    assert {c["kwargs"]["KD_TYPE"]["int"] for c in ckd} == {0, 1, 2}
     assert {c["kwargs"]["KEY16"]["bool"] for c in ckd} == {True, False}
     assert {c["kwargs"]["COMPUTE_GRAD"]["bool"] for c in ckd} == {True, False}
     assert len(kernels["_topk_kernel"]) == 3
