@@ -129,6 +129,8 @@ def test_cli_config_writes_a_preset_out_and_the_copy_loads(tmp_path, capsys):
     ({"student": {"gradient_checkpointing": "yes"}}, r"student.gradient_checkpointing"),
     ({"teacher": {"model": {"config": 3}}}, r"teacher.model.config: expected a table"),
     ({"ckd": {"tail_coef": -1.0}}, r"ckd.tail_coef must be >= 0"),
+    ({"ckd": {"kd_type": "jsd"}}, r"ckd.kd_type must be one of 'fkl', 'rkl', 'akl'"),
+    ({"ckd": {"kd_type": "rkl", "tail_bucket": True}}, r"tail_bucket applies to ckd.kd_type = 'fkl'"),
 ])
 def test_config_errors_name_the_key(values, match):
     base = {"data": {"path": "x.jsonl"}, "teacher": {"model": {"path": "t"}},
@@ -365,6 +367,31 @@ def test_resume_with_other_data_settings_is_refused(run_config, tokenizer):
     run_ckd(run_config(max_steps=2), **quiet)
     with pytest.raises(ValueError, match=r"batch_size: 2 -> 1"):
         run_ckd(run_config(max_steps=3, batch_size=1, micro_batch_size=1), **quiet)
+
+
+@pytest.mark.parametrize("kd_type", ["rkl", "akl"])
+def test_ckd_kd_type_reaches_the_fused_op(run_config, tokenizer, monkeypatch, kd_type):
+    import star_kernels as sk
+    from star_train.stages import ckd
+
+    seen = []
+    real = sk.fused_linear_ckd_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["kd_type"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckd.sk, "fused_linear_ckd_loss", spy)
+    cfg = from_dict(CKDRunConfig, {**_values(run_config(max_steps=1)), "ckd": {
+        "student_topm": 8, "kd_type": kd_type}})
+    summary = run_ckd(cfg, tokenizer=tokenizer, log=lambda *_: None)
+    assert seen and set(seen) == {kd_type} and summary["final_loss"] == summary["final_loss"]
+
+
+def _values(cfg):
+    from star_train.runtime.config import config_to_dict
+
+    return config_to_dict(cfg)
 
 
 def test_bf16_runs_the_fused_op_under_bf16_autocast(run_config, tokenizer, monkeypatch):

@@ -72,6 +72,7 @@ class CKDLossConfig:
     temperature: float = setting(1.0, above=0)
     tail_bucket: bool = False
     mask: str = setting("all", choices=MASKS)  # which target tokens: all|think|answer|alter
+    kd_type: str = setting("fkl", choices=("fkl", "rkl", "akl"))  # released CKD script: fkl
 
 
 @dataclass
@@ -103,6 +104,8 @@ class CKDRunConfig:
     def validate(self) -> "CKDRunConfig":
         enforce(self, [
             (self.data.path, "data.path must name a STAR jsonl file"),
+            (not self.ckd.tail_bucket or self.ckd.kd_type == "fkl",
+             "ckd.tail_bucket applies to ckd.kd_type = 'fkl' only"),
             (self.train.batch_size % max(1, self.train.micro_batch_size) == 0,
              "train.batch_size must be a multiple of train.micro_batch_size"),
             *self.train.checks(),
@@ -142,7 +145,8 @@ class CKDStage:
         c = cfg.ckd
         self.loss_options = dict(
             tail_coef=c.tail_coef, student_topm=c.student_topm, kd_ratio=c.kd_ratio,
-            temperature=c.temperature, tail_bucket=c.tail_bucket, reduction="sum")
+            temperature=c.temperature, tail_bucket=c.tail_bucket, kd_type=c.kd_type,
+            reduction="sum")
         self._step = 0
 
     def plan_step(self, step: int) -> StepPlan:
