@@ -228,7 +228,9 @@ def readme_section(files: list[Path], img_prefix: str = "results/") -> str:
 
 def regenerate(results: Path = RESULTS, readme: Path = README, check: bool = False,
                project_readme: Path = PROJECT_README) -> int:
-    files = sorted(results.glob("*.json"))
+    # Only microbenchmark runs (they hold "records"); other results (the curriculum
+    # experiment, BFCL runs) are documented by their own .md files.
+    files = [p for p in sorted(results.glob("*.json")) if "records" in json.loads(p.read_text())]
     stale = []
     for path in files:
         data = json.loads(path.read_text())
