@@ -71,10 +71,10 @@ def top_m_mask(z, m: int) -> torch.Tensor:
     threshold = z.topk(m, dim=1, sorted=False).values.amin(1, keepdim=True)
     confident = z >= threshold
     excess = confident.sum(1, dtype=torch.int32) - m
-    # No host synchronisation on accelerators: trim unconditionally there. On CPU the
-    # check is free and most fp32 rows have no tie at the threshold.
-    if z.device.type != "cpu" or bool((excess > 0).any()):
-        _trim_ties(z, confident, threshold, excess)
+    # Trimmed unconditionally (a no-op for rows without excess ties): deciding whether to
+    # trim would read a value on the host, a synchronisation on accelerators and a graph
+    # break under torch.compile, which the op's hot path must not have on any device.
+    _trim_ties(z, confident, threshold, excess)
     return confident
 
 
