@@ -1,17 +1,7 @@
 """Tool specs (star_train.data.tools): one rule for the two parameter shapes."""
 
 from star_train.data.tools import is_json_schema, tool_parameter_names, unwrap_tool
-
-TOOL_F = {"name": "f", "description": "",
-          "parameters": {"type": "object",
-                         "properties": {"a": {"type": "string"}, "b": {"type": "integer"},
-                                        "c": {"type": "boolean"}, "d": {"type": "object"}},
-                         "required": ["a"]}}
-TOOL_G = {"name": "g", "description": "",
-          "parameters": {"x": {"type": "int", "description": ""},
-                         "y": {"type": "int", "description": ""},
-                         "z": {"type": "int", "description": ""}}}
-TOOL_EMPTY = {"name": "ping", "description": "", "parameters": {"type": "object", "properties": {}}}
+from test_reward import TOOL_EMPTY, TOOL_F, TOOL_G  # the hand-made tools, one per shape
 
 
 def test_parameter_names_for_both_shapes_and_wrapping():
