@@ -163,9 +163,9 @@ def test_template_detection():
     assert template_format(_Template("{{ tools }} <tool_call>")) is HERMES
     assert template_format(_Template('{{ tools }} {"name": "x", "parameters": {}}')) is LLAMA31_JSON
     assert template_format(_Template("{{ tools }} <|python_tag|>")) is LLAMA31_JSON
-    with pytest.raises(ValueError, match="fmt: the chat template handles tools in a format"):
+    with pytest.raises(ValueError, match="tool_format: the model's chat template handles tools in a format"):
         chat_renderer(_Template("{{ tools }} [TOOL_CALLS]"))
-    renderer = chat_renderer(_Template("{{ tools }} [TOOL_CALLS]"), use_model_template=False)
+    renderer = chat_renderer(_Template("{{ tools }} [TOOL_CALLS]"), template="qwen3")
     assert renderer.layout == "qwen3-layout"
 
 

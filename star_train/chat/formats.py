@@ -76,6 +76,12 @@ def _strip_end(text: str) -> str:
     return text
 
 
+def split_end(text: str) -> tuple[str, bool]:
+    """``(text without a trailing end-of-turn token, whether it had one)``."""
+    stripped = _strip_end(text)
+    return stripped, stripped != text.rstrip()
+
+
 def split_think(text: str, think: bool) -> tuple[str | None, str, str | None]:
     """``(reasoning, body, error)`` with the think-block rules of ``qwen3.parse_response``;
     without ``think`` the whole text is the body and a think tag in it is an error."""

@@ -13,9 +13,10 @@ standard-library code). The data files are read from the package's own ``data/``
 folder (the ``BFCL_DATA_DIR`` environment variable that BFCL honours is ignored, so a
 result always names the files it was computed from).
 
-Prompt. A question's messages are rendered in the chat format (``chat_format.QWEN3``:
-``star_train.chat.qwen3.render_prompt``) with the question's BFCL function docs as the
-tools, then ``<think>\\n`` (the prompt STAR trains on). A BFCL doc is ``{"name",
+Prompt. A question's messages are rendered in the chat format (a
+``chat.templates.ChatRenderer``; by default ``QWEN3``: ``chat.qwen3.render_prompt``) with
+the question's BFCL function docs as the tools, then ``<think>\\n`` (the prompt STAR trains
+on; another chat format writes the tools its own way). A BFCL doc is ``{"name",
 "description", "parameters": {"type": "dict", "properties", "required"}}`` with
 Python-flavoured type names ("dict", "float", "tuple", "any"). The docs keep those
 names, as upstream BFCL's Qwen function-calling handler (QwenFCHandler; nvidia-bfcl
@@ -29,7 +30,7 @@ live_irrelevance questions have no functions: no tools section.
 
 Scoring follows BFCL's runner for each kind of category:
 
-* AST categories: the completion is parsed by the chat format (Qwen3:
+* AST categories: the completion is parsed by the chat format (``parse_turn``; Qwen3:
   ``parse_response`` after the ``<think>\\n`` the prompt ends with); its calls become
   BFCL's decoded form ``[{name: arguments}, ...]`` and go to BFCL's ``ast_checker`` with
   the category name and language "Python", or "Java"/"JavaScript" for java and
@@ -63,7 +64,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .chat_format import QWEN3, ChatFormat
+from ..chat.templates import QWEN3, ChatRenderer
 from .generation import GenerateFn, hf_generate_fn
 
 AST_CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple",
@@ -236,9 +237,9 @@ def prompt_tools(functions: list, category: str | None = None) -> list:
     return tools
 
 
-def build_prompt(sample: Sample, chat_format: ChatFormat = QWEN3) -> str:
+def build_prompt(sample: Sample, chat_format: ChatRenderer = QWEN3) -> str:
     """The question with its tools in ``chat_format`` (Qwen3: ends with ``<think>\\n``)."""
-    return chat_format.build_prompt(sample.messages, prompt_tools(sample.functions,
+    return chat_format.prompt(sample.messages, prompt_tools(sample.functions,
                                                                   sample.category))
 
 
@@ -261,7 +262,7 @@ def _checker_verdict(sample: Sample, calls: list) -> tuple[bool, str | None]:
     return False, f"{verdict.get('error_type', 'invalid')}: {verdict.get('error')}"
 
 
-def score_completion(sample: Sample, completion: str, chat_format: ChatFormat = QWEN3) -> dict:
+def score_completion(sample: Sample, completion: str, chat_format: ChatRenderer = QWEN3) -> dict:
     """Score one completion (the text generated after the prompt).
 
     Returns ``{"id", "category", "correct", "calls", "error", "completion"}``: ``calls``
@@ -271,7 +272,7 @@ def score_completion(sample: Sample, completion: str, chat_format: ChatFormat = 
     if not isinstance(completion, str):
         raise ValueError(  # noqa: TRY004 - bad arguments are ValueErrors throughout
             f"completion for {sample.id} must be a str, got {type(completion).__name__}")
-    parsed = chat_format.parse_completion(completion)
+    parsed = chat_format.parse_turn(completion)
     calls = parsed.calls
     if sample.category in IRRELEVANCE_CATEGORIES:
         correct = not calls
@@ -324,7 +325,7 @@ def _completions(generate_fn: GenerateFn, prompts: list) -> list:
 
 def evaluate(model=None, tokenizer=None, categories=CATEGORIES, limit: int | None = None, *,
              max_new_tokens: int = 2048, batch_size: int = 8, generate_fn: GenerateFn | None = None,
-             results_path: str | Path | None = None) -> dict:
+             results_path: str | Path | None = None, chat_format: ChatRenderer = QWEN3) -> dict:
     """Run BFCL v3 single-turn categories and score them with BFCL's rules.
 
     (``runner.run_bfcl`` runs every category, resumably, with BFCL's overall.)
@@ -334,6 +335,8 @@ def evaluate(model=None, tokenizer=None, categories=CATEGORIES, limit: int | Non
     ``generate_fn(prompts) -> completions`` (called once per category with all its
     prompts; each completion is the text after the prompt, which ends in ``<think>\\n``).
     ``limit``: only the first ``limit`` samples of each category.
+    ``chat_format``: how prompts are written and completions read (default: the Qwen3
+    format; ``runtime.models.model_renderer`` gives a model config's).
     ``results_path``: also write one JSON line per sample (see ``score_completion``).
 
     Returns ``{"source": bfcl_source(...), "categories": {name: {"accuracy", "correct",
@@ -348,7 +351,7 @@ def evaluate(model=None, tokenizer=None, categories=CATEGORIES, limit: int | Non
         if model is None or tokenizer is None:
             raise ValueError("model, tokenizer: both are needed unless generate_fn is given")
         generate_fn = hf_generate_fn(model, tokenizer, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, stop_tokens=chat_format.stop_tokens)
     elif model is not None or tokenizer is not None:
         raise ValueError("generate_fn: give either generate_fn or model and tokenizer, not both")
 
@@ -361,8 +364,9 @@ def evaluate(model=None, tokenizer=None, categories=CATEGORIES, limit: int | Non
     try:
         for category in categories:
             samples = load_category(category, limit)
-            completions = _completions(generate_fn, [build_prompt(sample) for sample in samples])
-            scored = [score_completion(sample, completion)
+            completions = _completions(generate_fn, [build_prompt(sample, chat_format)
+                                                     for sample in samples])
+            scored = [score_completion(sample, completion, chat_format)
                       for sample, completion in zip(samples, completions)]
             correct = sum(row["correct"] for row in scored)
             per_category[category] = {"accuracy": correct / len(scored), "correct": correct,

@@ -36,9 +36,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chat.templates import QWEN3, ChatRenderer
 from .bfcl import _bfcl_constant, _data_dir, _read_jsonl, prompt_tools
 from .calls import to_execution_strings
-from .chat_format import QWEN3, ChatFormat
 
 EXEC_CATEGORIES = ("exec_simple", "exec_multiple", "exec_parallel", "exec_parallel_multiple")
 REST_CATEGORY = "rest"
@@ -112,8 +112,8 @@ def load_category(category: str, limit: int | None = None) -> list[ExecSample]:
     return list(samples if limit is None else samples[:limit])
 
 
-def build_prompt(sample: ExecSample, chat_format: ChatFormat = QWEN3) -> str:
-    return chat_format.build_prompt(sample.messages, prompt_tools(sample.functions))
+def build_prompt(sample: ExecSample, chat_format: ChatRenderer = QWEN3) -> str:
+    return chat_format.prompt(sample.messages, prompt_tools(sample.functions))
 
 
 # ---------------------------------------------------------------- running calls
@@ -159,7 +159,7 @@ def expected_results(sample_id: str, category: str) -> tuple:
 
 
 def score_completion(sample: ExecSample, completion: str,
-                     chat_format: ChatFormat = QWEN3) -> dict:
+                     chat_format: ChatRenderer = QWEN3) -> dict:
     """``{"id", "category", "correct", "not_evaluated", "calls", "error", "completion"}``.
 
     ``correct`` is None when the sample is not evaluated (``not_evaluated`` says why).
@@ -169,7 +169,7 @@ def score_completion(sample: ExecSample, completion: str,
            "completion": completion}
     if sample.not_evaluated:
         return row
-    parsed = chat_format.parse_completion(completion)
+    parsed = chat_format.parse_turn(completion)
     if parsed.calls is None:
         return {**row, "correct": False,
                 "error": f"executable_decoder:decoder_failed: {parsed.error}"}

@@ -10,8 +10,13 @@ from ..chat.qwen3 import END_TOKENS
 GenerateFn = Callable[[list], list]
 
 
-def hf_generate_fn(model, tokenizer, *, max_new_tokens: int, batch_size: int) -> GenerateFn:
+def hf_generate_fn(model, tokenizer, *, max_new_tokens: int, batch_size: int,
+                   stop_tokens=END_TOKENS) -> GenerateFn:
     """Greedy, batched, left-padded ``model.generate``; returns completions without end tokens.
+
+    ``stop_tokens``: the tokens that end a completion (a chat format's ``stop_tokens``;
+    default the Qwen3 ones); those the tokenizer lacks are skipped, and with none left the
+    tokenizer's eos token is used.
 
     Prompts are sorted by length before batching so that a batch pads little; results come
     back in the given order. The tokenizer is only read (the offline Qwen3 tokenizer is a
@@ -20,8 +25,8 @@ def hf_generate_fn(model, tokenizer, *, max_new_tokens: int, batch_size: int) ->
     import torch
 
     # A tokenizer lacking an end token maps it to None or to its unknown token: skip those.
-    end_ids = [tokenizer.convert_tokens_to_ids(token) for token in END_TOKENS]
-    end_ids = [i for token, i in zip(END_TOKENS, end_ids)
+    end_ids = [tokenizer.convert_tokens_to_ids(token) for token in stop_tokens]
+    end_ids = [i for token, i in zip(stop_tokens, end_ids)
                if i is not None and tokenizer.convert_ids_to_tokens(i) == token]
     end_ids = end_ids or [tokenizer.eos_token_id]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[-1]

@@ -40,9 +40,9 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from ..chat.templates import QWEN3, ChatRenderer
 from .bfcl import PYTHON_HINT, _bfcl_constant, _data_dir, _read_jsonl
 from .calls import to_execution_strings
-from .chat_format import QWEN3, ChatFormat
 
 MULTI_TURN_CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param",
                          "multi_turn_long_context")
@@ -162,7 +162,7 @@ class Conversation:
     """One sample's dialogue, advanced one completion at a time."""
 
     sample: MultiTurnSample
-    chat_format: ChatFormat
+    chat_format: ChatRenderer
     environment: Environment
     messages: list = field(default_factory=list)
     tools: list = field(default_factory=list)
@@ -197,10 +197,10 @@ class Conversation:
         self.decoded.append([])
 
     def prompt(self) -> str:
-        return self.chat_format.build_prompt(self.messages, self.tools)
+        return self.chat_format.prompt(self.messages, self.tools)
 
     def advance(self, completion: str):
-        parsed = self.chat_format.parse_completion(completion)
+        parsed = self.chat_format.parse_turn(completion)
         self.messages.append(parsed.message)
         self.completions[-1].append(completion)
         if not parsed.calls:  # no call, or no decodable one: the turn ends
@@ -242,7 +242,7 @@ def score_conversation(conversation: Conversation, model_name: str) -> dict:
             "error_details": json.loads(json.dumps(detail, default=str))}
 
 
-def run_conversations(samples: list, generate_fn, *, chat_format: ChatFormat = QWEN3,
+def run_conversations(samples: list, generate_fn, *, chat_format: ChatRenderer = QWEN3,
                       on_done=None, progress=None) -> list[dict]:
     """Talk to every sample in lockstep; returns the scored rows in sample order.
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from ..chat.templates import QWEN3, ChatRenderer
 from . import bfcl, executable, multi_turn
-from .chat_format import QWEN3, ChatFormat
 from .overall import LEADERBOARD_CATEGORIES, leaderboard_overall
 from .results import ResultStore
 
@@ -120,7 +120,7 @@ def source(categories) -> dict:
 
 
 def run_bfcl(generate_fn, categories="all", *, limit: int | None = None,
-             multi_turn_limit: int | None = None, chat_format: ChatFormat = QWEN3,
+             multi_turn_limit: int | None = None, chat_format: ChatRenderer = QWEN3,
              results_path=None, settings: dict | None = None, chunk_size: int = 32,
              progress: bool = True) -> dict:
     """Run ``categories`` through ``generate_fn`` and score them with BFCL's rules.
