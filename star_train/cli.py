@@ -5,7 +5,7 @@ star-train rollouts --config run.toml    teacher rollouts -> CKD training record
 star-train ckd --config run.toml         STAR stage 1: teacher top-k cache + CKD
 star-train simrl --config run.toml       STAR stage 2: GRPO with the similarity reward
 star-train prepare-data --config p.toml  source datasets -> the released Sim-RL data mix
-star-train eval --model DIR              BFCL v3, offline
+star-train eval --model DIR|FILE.gguf   BFCL v3, offline, any local causal LM
 star-train report RUN_DIR                plots and a summary of a training run
 star-train config NAME --out FILE        write a shipped preset out for editing
 
@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                            default=[], metavar="SECTION.KEY=VALUE",
                            help="override a config value (repeatable)")
     eval_command.add_arguments(sub.add_parser(
-        "eval", help="BFCL v3 evaluation of a local model (data and checkers from "
-                     "nvidia-bfcl, offline)"))
+        "eval", help="BFCL v3 evaluation of a local model, a folder or a .gguf file, in "
+                     "its chat format (data and checkers from nvidia-bfcl, offline)"))
     report = sub.add_parser("report", help="plots (PNG) and a markdown summary of a "
                                            "training run, from its train_log.jsonl")
     report.add_argument("run_dir", help="the run's folder (its train.out_dir)")

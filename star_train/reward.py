@@ -65,6 +65,13 @@ Both sets: the reference's ``tool_calls`` non-empty means a tool-call reference 
 ``content`` ignored); two calls with no arguments on either side have argument
 similarity 1; greedy matching credits the best remaining same-name reference call even
 when that similarity is 0.
+
+Other tool-call formats (``similarity_reward(..., fmt=...)``, see ``chat.templates``): the
+rules above are about calls, not about how they are spelled. A response in another format
+(Llama 3.1 JSON, or a model template without a think block) is parsed by that format
+(malformed in it: -1), written back as the Qwen3 text of the same reasoning, calls and
+reply (``ChatRenderer.to_hermes``; the end-of-turn token kept when the model wrote one) and
+scored by the chosen rule set, so both sets apply unchanged to the parsed calls.
 """
 
 
@@ -430,18 +437,39 @@ def released_similarity_reward(response: str, reference: dict, tools: list) -> f
 
 
 def similarity_reward(response: str, reference: dict, tools: list, *,
-                      rules: str = DEFAULT_RULES) -> float:
+                      rules: str = DEFAULT_RULES, fmt=None) -> float:
     """STAR's Sim-RL reward of one completion: -1 if invalid, else in [0, 1].
 
     ``response``: the generated text from ``<think>`` on (end-of-turn token included);
     ``reference``: the record's last (assistant) message; ``rules``: ``"released"``
     (the released ``simrl.py``) or ``"strict"`` (see the module doc).
+    ``fmt``: the chat format the response is written in (a ``chat.templates.ChatRenderer``,
+    or a tool-call format's name for the Qwen3 layout; its ``full_response`` of a
+    completion is the ``response``). None, or the Qwen3 format itself, scores the text as
+    written. Another format's response is parsed with that format (-1 when malformed in
+    it) and its calls, reasoning and reply are scored by ``rules``.
     """
+    if rules not in RULES:
+        raise ValueError(f"rules must be one of {RULES}, got {rules!r}")
+    if fmt is not None:
+        renderer = _renderer(fmt)
+        if not renderer.native:
+            if not isinstance(response, str):
+                raise ValueError(f"response must be a str, got {type(response).__name__}")
+            response = renderer.to_hermes(response)
+            if response is None:
+                tools_by_name(tools)       # the argument checks still name a bad reference
+                reference_target(reference)  # or tool list, as they do for a -1 response
+                return INVALID_REWARD
     if rules == "released":
         return released_similarity_reward(response, reference, tools)
-    if rules == "strict":
-        return strict_similarity_reward(response, reference, tools)
-    raise ValueError(f"rules must be one of {RULES}, got {rules!r}")
+    return strict_similarity_reward(response, reference, tools)
+
+
+def _renderer(fmt):
+    from .chat.templates import ChatRenderer, chat_renderer
+
+    return fmt if isinstance(fmt, ChatRenderer) else chat_renderer(fmt=fmt, template="qwen3")
 
 
 # ---------------------------------------------------------------- GRPO groups

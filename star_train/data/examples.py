@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..chat.qwen3 import ASSISTANT_HEADER, END_OF_TURN, THINK_CLOSE_TAG, THINK_OPEN_TAG, render_assistant, render_prompt
+from ..chat.templates import ChatRenderer
 from ..chat.tokenizer import encode_example
 from .records import build_example, load_records, validate_record
 
@@ -43,15 +44,24 @@ FORMATS = ("released", "template")
 MASKS = ("all", "think", "answer", "alter")
 
 
-def released_pair(record: dict, add_reasoning: bool = False) -> tuple[str, str]:
+def released_pair(record: dict, add_reasoning: bool = False,
+                  renderer: ChatRenderer | None = None) -> tuple[str, str]:
     """(prompt, target) as the released ``messages_to_trainset.py`` builds them: the prompt
     is the chat template's rendering of all but the last message (tools as given) with the
     generation prompt and ``<think>`` (no newline); the target is the last message rendered
     on its own (so without a think block) after ``</think>``, ending ``<|im_end|>\n``;
-    with ``add_reasoning`` its ``reasoning_content`` goes before the ``</think>``."""
+    with ``add_reasoning`` its ``reasoning_content`` goes before the ``</think>``.
+    ``renderer``: a chat format in the Qwen3 layout with thinking (another tool-call format
+    writes the tools and calls as its text); None is the Qwen3 format."""
     record = validate_record(record)
-    messages = record["messages"]
-    prompt = render_prompt(messages[:-1], record["tools"]) + THINK_OPEN_TAG
+    messages, tools = record["messages"], record["tools"]
+    if renderer is not None:
+        if not (renderer.think and renderer.thinking):
+            raise ValueError(f"data.format: 'released' is the released Qwen3 layout's pair; the "
+                             f"chat format {renderer.name!r} has no think block to open there "
+                             "(use data.format 'template')")
+        messages, tools = renderer.qwen3_inputs(messages, tools)
+    prompt = render_prompt(messages[:-1], tools) + THINK_OPEN_TAG
     alone = render_assistant(messages[-1], after_last_query=False, is_last=True)
     target = THINK_CLOSE_TAG + alone[len(ASSISTANT_HEADER):]
     reasoning = messages[-1].get("reasoning_content")
@@ -90,7 +100,7 @@ def _restrict(target_ids: list[int], mask: str, index: int, think_close: int) ->
 def load_examples(path: str, tokenizer, *, max_length: int = 5632, limit: int = 0,
                   fmt: str = "template", mask: str = "all", add_reasoning: bool = False,
                   max_prompt_length: int = 5120, max_response_length: int = 512,
-                  log=None) -> list[Example]:
+                  log=None, renderer: ChatRenderer | None = None) -> list[Example]:
     """Tokenized examples of the STAR records in ``path``, in one of two formats:
 
     ``"released"``: the pair of ``released_pair`` with the released truncation
@@ -102,6 +112,8 @@ def load_examples(path: str, tokenizer, *, max_length: int = 5632, limit: int = 
     the skip count.
 
     ``mask`` (``MASKS``) restricts the target tokens that are trained.
+    ``renderer``: the model's chat format (``runtime.models.model_renderer``) that writes
+    both kinds of pair; None is the Qwen3 format. (``fmt`` is the pair kind, not this.)
     """
     if fmt not in FORMATS or mask not in MASKS:
         raise ValueError(f"fmt must be one of {FORMATS} and mask one of {MASKS}, "
@@ -111,7 +123,7 @@ def load_examples(path: str, tokenizer, *, max_length: int = 5632, limit: int = 
     for position, record in enumerate(load_records(path, limit)):
         if fmt == "released":
             prompt_ids, target_ids = _released_ids(
-                tokenizer, *released_pair(record, add_reasoning), max_prompt_length,
+                tokenizer, *released_pair(record, add_reasoning, renderer), max_prompt_length,
                 max_response_length)
             keep = _restrict(target_ids, mask, len(examples), think_close)
             labels = [IGNORE] * len(prompt_ids) + [t if k else IGNORE
@@ -120,7 +132,7 @@ def load_examples(path: str, tokenizer, *, max_length: int = 5632, limit: int = 
                                     torch.as_tensor(prompt_ids + target_ids, dtype=torch.int32),
                                     torch.as_tensor(labels, dtype=torch.int32)))
             continue
-        prompt, target = build_example(record)
+        prompt, target = build_example(record, renderer)
         # The rendered turn ends "<|im_end|>\n"; generation stops at <|im_end|>, so the
         # newline after it is never produced and is not trained.
         target = target.removesuffix("\n")

@@ -5,28 +5,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TOKENIZERS = ("qwen3", "model")
+from ..chat.formats import FORMATS as TOOL_CALL_FORMATS
+from ..chat.templates import CHAT_TEMPLATES
+
+TOKENIZERS = ("auto", "qwen3", "model")
+# Files a Hugging Face folder's own tokenizer is read from (any one of them will do).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="local Hugging Face model folder")
+    parser.add_argument("--model", required=True, help="a local Hugging Face model folder or "
+                        "a .gguf file (any causal LM transformers reads)")
     parser.add_argument("--categories", default="all",
                         help="comma-separated BFCL v3 categories, or 'all' (the default): every "
                              "category that runs offline")
     parser.add_argument("--limit", type=int, default=None, help="first N samples per category")
     parser.add_argument("--multi-turn-limit", type=int, default=None,
                         help="first N samples per multi-turn category (default: --limit)")
-    parser.add_argument("--chat-format", default="qwen3", choices=("qwen3", "qwen3-no-think"),
-                        help="prompt layout and parser: qwen3 (generation starts inside the "
-                             "think block, as STAR trains) or qwen3-no-think (Qwen3's "
-                             "enable_thinking=False prompt, for models that do not think)")
+    parser.add_argument("--chat-template", default="auto", choices=CHAT_TEMPLATES,
+                        help="prompt layout: auto (the model's chat template when it handles "
+                             "tools and is not Qwen3's, else the Qwen3 layout), qwen3 "
+                             "(generation starts inside the think block, as STAR trains), "
+                             "qwen3-no-think (Qwen3's enable_thinking=False prompt, for models "
+                             "that do not think) or model (the model's own template)")
+    parser.add_argument("--tool-format", default="auto", choices=("auto", *TOOL_CALL_FORMATS),
+                        help="how calls are written and read: auto (the model template's own "
+                             "format, hermes in the Qwen3 layout), hermes (<tool_call> JSON "
+                             "blocks) or llama3.1-json")
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--tokenizer", default="qwen3", choices=TOKENIZERS,
-                        help="what encodes the Qwen3-format prompts: the offline Qwen3 "
-                             "tokenizer, or the model folder's own (for a non-Qwen model)")
+    parser.add_argument("--tokenizer", default="auto", choices=TOKENIZERS,
+                        help="what encodes the prompts: auto (the model's own when the .gguf "
+                             "or folder has one, else the offline Qwen3 tokenizer), qwen3, or "
+                             "model")
     parser.add_argument("--results", default=None,
                         help="per-sample results (jsonl); an interrupted run given the same "
                              "file and settings resumes where it stopped")
@@ -34,12 +47,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _load_tokenizer(args):
-    if args.tokenizer == "qwen3":
-        from ..chat.tokenizer import qwen3_tokenizer
-        return qwen3_tokenizer()
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+def tokenizer_choice(model: str, choice: str) -> str:
+    """``"qwen3"`` or ``"model"``; ``"auto"``: the model's own tokenizer when there is one
+    (a .gguf file always holds one), else the offline Qwen3 tokenizer (a Qwen3 saved
+    without its tokenizer)."""
+    if choice != "auto":
+        return choice
+    path = Path(model)
+    own = path.suffix == ".gguf" or any((path / name).is_file() for name in TOKENIZER_FILES)
+    return "model" if own else "qwen3"
+
+
+def _load_tokenizer(model: str, choice: str):
+    from ..runtime.models import load_tokenizer
+
+    return load_tokenizer(model if choice == "model" else None)
+
+
+def _renderer(tokenizer, args):
+    from ..chat.templates import chat_renderer
+    from ..runtime.config import ConfigError
+
+    try:
+        return chat_renderer(tokenizer, args.tool_format, template=args.chat_template)
+    except ValueError as error:  # it names chat_template or tool_format: name the option
+        key, _, problem = str(error).partition(":")
+        raise ConfigError(f"--{key.replace('_', '-')}:{problem}") from None
 
 
 def _percent(value) -> str:
@@ -83,7 +116,6 @@ def run(args) -> int:
     from ..runtime.config import ModelSpec
     from ..runtime.models import DTYPES, load_model, resolve_device
     from . import bfcl, runner
-    from .chat_format import FORMATS
 
     categories = runner.checked_categories(args.categories)  # before the model loads
     for name in ("limit", "multi_turn_limit", "max_new_tokens", "batch_size"):
@@ -92,19 +124,22 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {value}")
     model = load_model(ModelSpec(path=args.model), DTYPES[args.dtype],
                        resolve_device(args.device))
-    tokenizer = _load_tokenizer(args)
+    choice = tokenizer_choice(args.model, args.tokenizer)
+    tokenizer = _load_tokenizer(args.model, choice)
     if model.config.vocab_size < len(tokenizer):
-        raise ValueError(f"--tokenizer {args.tokenizer}: {len(tokenizer)} tokens, more than the "
+        raise ValueError(f"--tokenizer {choice}: {len(tokenizer)} tokens, more than the "
                          f"model's vocab_size {model.config.vocab_size} (try --tokenizer model)")
+    chat_format = _renderer(tokenizer, args)
     generate_fn = bfcl.hf_generate_fn(model, tokenizer, max_new_tokens=args.max_new_tokens,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size,
+                                      stop_tokens=chat_format.stop_tokens)
     # What the per-sample results depend on (a resumed run must match); batch size and
-    # device only change speed.
-    settings = {"model": str(Path(args.model).resolve()), "tokenizer": args.tokenizer,
+    # device only change speed. The chat format's name is added by run_bfcl.
+    settings = {"model": str(Path(args.model).resolve()), "tokenizer": choice,
                 "dtype": args.dtype, "max_new_tokens": args.max_new_tokens}
     summary = runner.run_bfcl(generate_fn, categories, limit=args.limit,
                               multi_turn_limit=args.multi_turn_limit,
-                              chat_format=FORMATS[args.chat_format],
+                              chat_format=chat_format,
                               results_path=args.results, settings=settings,
                               chunk_size=4 * args.batch_size, progress=not args.no_progress)
     print("\n".join(report_lines(summary)))

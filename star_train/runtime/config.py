@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..chat.templates import CHAT_TEMPLATES, TOOL_FORMATS
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
@@ -39,13 +41,21 @@ def section(cls):
 
 @dataclass
 class ModelSpec:
-    """Where a model comes from: a local Hugging Face directory (``path``) or, when
-    ``path`` is empty, a randomly initialised Qwen3 built from ``config`` (the keyword
-    arguments of ``transformers.Qwen3Config``) with ``seed``."""
+    """Where a model comes from: a local Hugging Face directory or ``.gguf`` file
+    (``path``) or, when ``path`` is empty, a randomly initialised Qwen3 built from
+    ``config`` (the keyword arguments of ``transformers.Qwen3Config``) with ``seed``.
+
+    How its conversations are written and its answers read (``chat.templates``):
+    ``chat_template`` = ``auto`` (the model's own chat template when it handles tools and
+    is not Qwen3's, else the Qwen3 layout as text for the model's tokenizer) | ``qwen3`` |
+    ``qwen3-no-think`` | ``model``; ``tool_format`` = ``auto`` (the template's own format,
+    Hermes in the Qwen3 layout) | ``hermes`` | ``llama3.1-json``."""
 
     path: str = setting("", path=True)
     config: dict = setting({})
     seed: int = 0
+    chat_template: str = setting("auto", choices=CHAT_TEMPLATES)
+    tool_format: str = setting("auto", choices=TOOL_FORMATS)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 ``load_model`` takes a local Hugging Face folder, a ``.gguf`` file (any architecture
 transformers reads from GGUF, dequantized to fp32) or builds a random Qwen3 from a config;
 ``load_tokenizer`` gives the tokenizer that goes with it (the model's own, or the offline
-Qwen3 one for a config-built Qwen3). ``check_shared_vocabulary`` refuses a teacher and a
+Qwen3 one for a config-built Qwen3) and ``model_renderer`` the chat format its config
+keys choose. ``check_shared_vocabulary`` refuses a teacher and a
 student whose token ids do not mean the same thing (CKD compares them id by id).
 ``predicting_rows`` runs a model's trunk only and returns the hidden states that predict
 the marked tokens, with the lm_head weight: the input of every fused ``star_kernels`` op,
@@ -96,6 +97,21 @@ def load_tokenizer(spec: ModelSpec | str | None = None):
 
     folder, kwargs = local_source(path, "tokenizer path")
     return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def model_renderer(spec: ModelSpec, tokenizer, key: str = "model"):
+    """The chat format of the model ``spec`` names, with its ``tokenizer``: its
+    ``chat_template`` and ``tool_format`` keys resolved (``chat.templates.chat_renderer``).
+    ``key``: where the spec sits in the config (``"policy.model"``), named by a ConfigError
+    when the keys do not fit this model. With the defaults a Qwen3 (offline tokenizer, or
+    a Qwen3 folder's own) gets exactly the Qwen3 format STAR trains on."""
+    from ..chat.templates import chat_renderer
+    from .config import ConfigError
+
+    try:
+        return chat_renderer(tokenizer, spec.tool_format, template=spec.chat_template)
+    except ValueError as error:
+        raise ConfigError(f"{key}.{error}") from None
 
 
 def check_shared_vocabulary(teacher, student, teacher_tokenizer=None, student_tokenizer=None) -> None:

@@ -22,6 +22,11 @@ The prompt (``sampling.prompt``): ``"released"`` renders the conversation with t
 generation prompt only, as ``teacher_rollout.py`` does (the teacher opens its own think
 block); ``"think"`` ends it with ``<think>\n`` like the CKD and Sim-RL prompts.
 
+The chat format (``teacher.model.chat_template`` and ``tool_format``; default the Qwen3
+format, for any tokenizer whose template does not handle tools) writes the prompts and
+reads the completions: in another tool-call format the calls are parsed in that format
+and the keep rules above apply to the parsed calls.
+
 Seed prompts are processed in shards of ``output.shard_size``; each shard's records are
 written to ``shard-00000.jsonl`` under a temporary name and renamed, and each shard is
 sampled from its own seed, so an interrupted run resumes by skipping the shards that
@@ -39,13 +44,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat.qwen3 import END_TOKENS, THINK_OPEN, parse_response, render_prompt
+from ..chat.qwen3 import END_TOKENS
+from ..chat.templates import QWEN3, ChatRenderer
 from ..data.prompts import RLPrompt, load_prompts, prompts_fingerprint
 from ..data.records import load_records
 from ..reward import RULES, released_calls_valid, released_parse, released_tool_table
 from ..runtime.config import ModelSpec, config_to_dict, enforce, section, setting
 from ..runtime.generation import derived_seed
-from ..runtime.models import DTYPES, autocast, load_model, model_name, resolve_device
+from ..runtime.models import DTYPES, autocast, load_model, load_tokenizer, model_name, model_renderer, resolve_device
 from ..runtime.run_folder import open_run, pin_settings, write_atomic
 from .sampling import sample_and_score
 
@@ -103,9 +109,10 @@ class RolloutRunConfig:
 
 # ---------------------------------------------------------------- the stage
 
-def answer_message(text: str) -> dict:
-    """The assistant message of a well-formed response (``"<think>..."`` included)."""
-    parsed = parse_response(text)
+def answer_message(text: str, renderer: ChatRenderer = QWEN3) -> dict:
+    """The assistant message of a well-formed response (Qwen3: ``"<think>..."`` included)
+    in the chat format ``renderer``."""
+    parsed = renderer.parse(text)
     if parsed.error:
         raise ValueError(f"response: malformed ({parsed.error})")
     message = {"role": "assistant", "content": parsed.reply,
@@ -127,10 +134,15 @@ def _without_end_token(text: str) -> str:
     return text
 
 
-def released_message(text: str, tools: list) -> dict | None:
+def released_message(text: str, tools: list, renderer: ChatRenderer = QWEN3) -> dict | None:
     """The assistant message ``teacher_rollout.py`` keeps for a completion, or None when
     the completion is not format-valid. ``text``: the completion as decoded (a trailing
-    end-of-turn token is dropped: the released text is decoded without special tokens)."""
+    end-of-turn token is dropped: the released text is decoded without special tokens).
+    In another chat format than Qwen3's the completion is first parsed in that format and
+    written as Qwen3 text (``ChatRenderer.to_hermes``), so the same rules keep it."""
+    text = renderer.to_hermes(text, open_think=True)
+    if text is None:
+        return None
     try:
         parsed = released_parse(_without_end_token(text), open_think=True)
     except ValueError:
@@ -151,9 +163,10 @@ def _dedupe_key(message: dict) -> str:
                        "reasoning_content": message.get("reasoning_content")}, sort_keys=True)
 
 
-def _kept_message(text: str, reward: float, tools: list, s, counts: dict) -> dict | None:
+def _kept_message(text: str, reward: float, tools: list, s, counts: dict,
+                  renderer: ChatRenderer) -> dict | None:
     if s.keep == "valid":
-        message = released_message(text, tools)
+        message = released_message(text, tools, renderer)
         if message is None:
             counts["invalid"] += 1
         elif any(not isinstance(call["arguments"], dict) for call in message["tool_calls"] or []):
@@ -163,10 +176,10 @@ def _kept_message(text: str, reward: float, tools: list, s, counts: dict) -> dic
     if reward < s.min_reward:
         counts["below_min_reward"] += 1
         return None
-    if parse_response(text).error:  # reward -1, passes only min_reward = -1
+    if renderer.parse(text).error:  # reward -1, passes only min_reward = -1
         counts["invalid"] += 1
         return None  # no think block or broken call JSON: there is no message to keep
-    return answer_message(text)
+    return answer_message(text, renderer)
 
 
 def _shard_records(records, scored, cfg, counts: dict) -> list[dict]:
@@ -176,7 +189,8 @@ def _shard_records(records, scored, cfg, counts: dict) -> list[dict]:
         seed_record = records[prompt.record_position]
         seen, kept_before = set(), len(out)
         for sample, (text, reward) in enumerate(zip(samples.texts, samples.rewards)):
-            message = _kept_message(text, reward, seed_record["tools"], cfg.sampling, counts)
+            message = _kept_message(text, reward, seed_record["tools"], cfg.sampling, counts,
+                                    prompt.renderer or QWEN3)
             if message is None:
                 continue
             key = _dedupe_key(message)
@@ -191,20 +205,20 @@ def _shard_records(records, scored, cfg, counts: dict) -> list[dict]:
     return out
 
 
-def _released_prompts(records: list[dict], max_prompt_length: int,
-                      tokenizer) -> tuple[list[RLPrompt], int]:
+def _released_prompts(records: list[dict], max_prompt_length: int, tokenizer,
+                      renderer: ChatRenderer = QWEN3) -> tuple[list[RLPrompt], int]:
     """Prompts as ``teacher_rollout.py`` renders them: the conversation before the last
-    message, its tools, the generation prompt, and nothing more."""
+    message, its tools, the generation prompt, and nothing more (no ``<think>``)."""
     prompts, skipped = [], 0
     for position, record in enumerate(records):
-        text = render_prompt(record["messages"][:-1], record["tools"])
+        text = renderer.prompt(record["messages"][:-1], record["tools"], open_think=False)
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) > max_prompt_length:
             skipped += 1
             continue
         prompts.append(RLPrompt(len(prompts), str(record.get("id", position)),
                                 torch.as_tensor(ids, dtype=torch.long),
-                                record["messages"][-1], record["tools"], position))
+                                record["messages"][-1], record["tools"], position, renderer))
     return prompts, skipped
 
 
@@ -219,17 +233,19 @@ def _check_run(out: Path, cfg: RolloutRunConfig, prompts) -> None:
 
 
 def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
-    """Generate (or finish generating) the teacher rollouts; returns the summary."""
+    """Generate (or finish generating) the teacher rollouts; returns the summary.
+    ``tokenizer``: default the teacher's own (``load_tokenizer``: the offline Qwen3 one for
+    a config-built Qwen3). Prompts are written, and completions read, in the chat format
+    of ``teacher.model``'s ``chat_template`` and ``tool_format`` keys."""
     cfg.validate()
     if tokenizer is None:
-        from ..chat.tokenizer import qwen3_tokenizer
-
-        tokenizer = qwen3_tokenizer()
+        tokenizer = load_tokenizer(cfg.teacher.model)
+    renderer = model_renderer(cfg.teacher.model, tokenizer, "teacher.model")
     out = open_run(cfg.output.out_dir, cfg)
     records = load_records(cfg.data.path, cfg.data.limit)
     s = cfg.sampling
     load = _released_prompts if s.prompt == "released" else load_prompts
-    prompts, skipped = load(records, cfg.data.max_prompt_length, tokenizer)
+    prompts, skipped = load(records, cfg.data.max_prompt_length, tokenizer, renderer)
     log(f"{len(prompts)} seed prompts; skipped {skipped} longer than "
         f"{cfg.data.max_prompt_length} tokens")
     _check_run(out, cfg, prompts)
@@ -255,7 +271,7 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
             seed_of=lambda chunk: derived_seed("rollouts", cfg.output.seed, shard, chunk),
             temperature=s.temperature, max_new_tokens=s.max_new_tokens,
             autocast=autocast(device, dtype), progress=bar,
-            text_prefix="" if s.prompt == "released" else THINK_OPEN,
+            text_prefix="" if s.prompt == "released" else None,
             reward_rules=s.reward_rules)
         counts = dict.fromkeys(DROP_COUNTS, 0)
         kept = _shard_records(records, scored, cfg, counts)

@@ -3,8 +3,9 @@
 Prompts go to ``generate`` in chunks of ``chunk_prompts`` (x ``num_samples`` sequences);
 chunk ``c`` is sampled with ``seed_of(c)``, so the caller decides how seeds follow the
 run's position and a resumed run re-samples identically. A completion is scored as the
-text the model wrote after the prompt's ``<think>\\n``: that opening plus the decoded ids,
-end-of-turn token included.
+response the model wrote: what its prompt already holds of the answer (the chat format's
+``response_prefix``; Qwen3: the ``<think>\\n`` the prompt ends with) plus the decoded ids,
+end-of-turn token included, read in the prompts' chat format (``RLPrompt.renderer``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ..chat.qwen3 import END_OF_TURN, THINK_OPEN
+from ..chat.templates import QWEN3
 from ..data.prompts import RLPrompt
 from ..reward import similarity_reward
 from ..runtime.generation import sample_completions
@@ -23,34 +24,39 @@ from ..runtime.generation import sample_completions
 @dataclass
 class ScoredSamples:
     prompt: RLPrompt
-    completions: list[torch.Tensor]   # int64 [L_i]: sampled ids, up to and with <|im_end|>
+    completions: list[torch.Tensor]   # int64 [L_i]: sampled ids, up to and with the end token
     texts: list[str]                  # text_prefix + decoded completion: what was scored
     rewards: list[float]
 
 
 def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: int,
                      chunk_prompts: int, seed_of, temperature: float, max_new_tokens: int,
-                     autocast, progress=None, text_prefix: str = THINK_OPEN,
+                     autocast, progress=None, text_prefix: str | None = None,
                      reward_rules: str | None = None) -> list[ScoredSamples]:
     """``num_samples`` scored completions of each prompt, in the prompts' order.
     ``progress`` (a tqdm bar) advances by the prompts of each finished chunk; without
-    one a bar for this call alone is shown while it runs."""
+    one a bar for this call alone is shown while it runs. ``text_prefix``: what goes in
+    front of each decoded completion (default: the chat format's ``response_prefix``).
+    Generation stops at the chat format's end token, and the reward reads the text in
+    that format."""
     bar = progress or tqdm(total=len(prompts), desc="sampling", unit="prompt", leave=False,
                            mininterval=2)
-    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     out = []
     for chunk, first in enumerate(range(0, len(prompts), chunk_prompts)):
         members = prompts[first:first + chunk_prompts]
+        renderer = members[0].renderer or QWEN3  # a prompt list is rendered in one format
+        prefix = renderer.response_prefix if text_prefix is None else text_prefix
         sampled = sample_completions(
             model, [p.ids for p in members], num_samples, seed=seed_of(chunk),
-            temperature=temperature, max_new_tokens=max_new_tokens, eos_id=eos_id,
+            temperature=temperature, max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.convert_tokens_to_ids(renderer.end_token),
             pad_id=tokenizer.pad_token_id, autocast=autocast)
+        rules = {} if reward_rules is None else {"rules": reward_rules}
         for prompt, completions in zip(members, sampled):
-            texts = [text_prefix + tokenizer.decode(c.tolist(), skip_special_tokens=False)
+            texts = [prefix + tokenizer.decode(c.tolist(), skip_special_tokens=False)
                      for c in completions]
-            rules = {} if reward_rules is None else {"rules": reward_rules}
-            rewards = [float(similarity_reward(t, prompt.reference, prompt.tools, **rules))
-                       for t in texts]
+            rewards = [float(similarity_reward(t, prompt.reference, prompt.tools, fmt=renderer,
+                                               **rules)) for t in texts]
             out.append(ScoredSamples(prompt, completions, texts, rewards))
         bar.update(len(members))
     if progress is None:
