@@ -11,14 +11,19 @@ import json
 import os
 from pathlib import Path
 
+from . import distributed
 from .config import config_to_dict
 
 
 def open_run(out_dir: str | Path, cfg) -> Path:
-    """Create ``out_dir`` and record the run's full config in it (``config.json``)."""
+    """Create ``out_dir`` and record the run's full config in it (``config.json``; under
+    torchrun rank 0 writes it, the others wait until it is there)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    world = distributed.current()
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=1))
+    world.barrier()
     return out
 
 
@@ -38,12 +43,15 @@ def describe_changes(saved: dict, current: dict) -> str:
 
 
 def pin_settings(path: Path, settings: dict, owner: str, remedy: str) -> None:
-    """Record ``settings`` at ``path`` on first use; afterwards refuse other ones."""
+    """Record ``settings`` at ``path`` on first use; afterwards refuse other ones. Under
+    torchrun every rank checks and rank 0 alone writes (two writers would race)."""
     path = Path(path)
     if path.exists():
         changes = describe_changes(json.loads(path.read_text()), settings)
         if changes:
             raise ValueError(f"{owner} was made with other settings ({changes}); {remedy}")
+        return
+    if not distributed.current().is_main:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(settings, indent=1))

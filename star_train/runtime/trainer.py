@@ -20,7 +20,12 @@ the rest, the same for every stage:
   ``train.log_every`` steps with throughput and ETA, and with ``train.tensorboard`` the
   same numbers as TensorBoard scalars under ``tensorboard/``;
 * checkpoints every ``train.save_every`` steps and at the end (atomic, see
-  ``checkpoint``), and the trained model with the tokenizer in ``final/``.
+  ``checkpoint``), and the trained model with the tokenizer in ``final/``;
+* under ``torchrun``, data parallelism (``runtime.distributed``): each rank takes every
+  ``world_size``-th micro-batch of the step's plan, the gradients are summed over the
+  ranks once per step, rank 0 writes the log, checkpoints and ``final/``. Checkpoints
+  hold the same full state whatever the world size, so a run resumes on any number of
+  processes.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from typing import Any, Protocol
 
 import torch
 
+from . import distributed
 from .checkpoint import append_log, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .config import ModelSpec, TrainConfig
-from .models import DTYPES, autocast, check_vocab, enable_gradient_checkpointing, load_model, resolve_device
+from .models import DTYPES, autocast, check_vocab, enable_gradient_checkpointing, load_model
 
 
 @dataclass
@@ -121,11 +127,14 @@ class Trainer:
 
     def __init__(self, train: TrainConfig, model_spec: ModelSpec, out: Path, *, tokenizer,
                  gradient_checkpointing: bool, role: str = "student", log=print):
-        self.train, self.out, self.tokenizer, self.log = train, Path(out), tokenizer, log
-        self.device = resolve_device(train.device)
+        self.world = distributed.current()
+        self.train, self.out, self.tokenizer = train, Path(out), tokenizer
+        self.log = distributed.main_only_log(log, self.world)
+        self.device = self.world.device(train.device)
         self.compute_dtype = DTYPES[train.dtype]
         self.model = load_model(model_spec, torch.float32, self.device)
         check_vocab(self.model, tokenizer, role)
+        self.world.broadcast_parameters(self.model)
         self.model.train()
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
@@ -153,8 +162,10 @@ class Trainer:
             stage.restore(state)
             self.log(f"resumed from {ckpt} at step {step}")
         start = step
-        truncate_log(log_path, start)
-        board = self._tensorboard(start)
+        main = self.world.is_main
+        if main:
+            truncate_log(log_path, start)
+        board = self._tensorboard(start) if main else None
         saved_at, record, began = start, {}, time.perf_counter()
         while step < total:
             t0 = time.perf_counter()
@@ -167,8 +178,10 @@ class Trainer:
             seconds = time.perf_counter() - t0
             record = {"step": step, **record, "lr": self.scheduler.get_last_lr()[0],
                       "seconds": round(seconds, 3),
-                      "tokens_per_s": round(plan.num_tokens / seconds, 1) if seconds else None}
-            append_log(log_path, record)
+                      "tokens_per_s": round(plan.num_tokens / seconds, 1) if seconds else None,
+                      "world_size": self.world.world_size, **self._peak_memory()}
+            if main:
+                append_log(log_path, record)
             if board is not None:
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -191,8 +204,10 @@ class Trainer:
             self.log("no step updated the model, so no final/ model was written")
             return summary
         final = self.out / "final"
-        model.save_pretrained(final)
-        self.tokenizer.save_pretrained(final)
+        if main:
+            model.save_pretrained(final)
+            self.tokenizer.save_pretrained(final)
+        self.world.barrier()  # final/ is complete before any rank returns its path
         self.log(f"saved the trained model to {final}")
         return {**summary, "model_dir": str(final)}
 
@@ -216,11 +231,14 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"), purge_step=start)
 
     def _step(self, stage: Stage, plan: StepPlan) -> dict:
-        """Accumulate the plan's micro-batches, clip, step; the step's log fields."""
+        """Accumulate this rank's share of the plan's micro-batches, sum the gradients over
+        the ranks, clip, step; the step's log fields."""
         self.model.train()  # a stage may have sampled from it in eval mode
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for micro_batch, scale in zip(plan.micro_batches, self._loss_scales(plan)):
+        # The scales are the whole step's, so the ranks' gradients add up to one process's.
+        share = self.world.share(list(zip(plan.micro_batches, self._loss_scales(plan))))
+        for micro_batch, scale in share:
             with self.autocast():
                 loss, stats = stage.micro_loss(self.model, micro_batch)
             (loss * scale).backward()
@@ -228,6 +246,11 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + float(value) * scale * plan.num_tokens
         record = {**plan.record, "tokens": plan.num_tokens, "updated": bool(plan.micro_batches)}
         if record["updated"]:
+            if self.world.enabled:
+                self.world.sum_gradients(self.model.parameters())
+                # Every rank must hold every stat key (a rank with no micro-batch has none).
+                keys = sorted({"loss", *(k for p in self.world.all_gather(sorted(sums)) for k in p)})
+                sums = dict(zip(keys, self.world.sum([sums.get(k, 0.0) for k in keys])))
             record.update({key: value / plan.num_tokens for key, value in sums.items()})
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.train.max_grad_norm))
@@ -252,6 +275,14 @@ class Trainer:
             return [1.0 / plan.num_tokens] * count
         return [1.0 / (max(1, n) * count) for n in plan.micro_tokens]
 
+    def _peak_memory(self) -> dict:
+        """This step's peak device memory (CUDA only; the counter restarts every step)."""
+        if self.device.type != "cuda":
+            return {}
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {"peak_memory_gib": round(peak / 2**30, 3)}
+
     def _progress(self, stage, record, step, total, start, began) -> str:
         line = f"{stage.name} step {step}/{total if total != math.inf else '?'}  "
         line += stage.describe(record)
@@ -263,9 +294,12 @@ class Trainer:
         return line
 
     def _save(self, root, step, updates, stage):
-        save_checkpoint(root, step, self.model, self.optimizer, self.scheduler,
-                        {**stage.state(), "updates": updates, "run": stage.run_key},
-                        keep=self.train.keep_checkpoints)
+        # The ranks hold identical weights and optimizer states: rank 0's are the run's.
+        if self.world.is_main:
+            save_checkpoint(root, step, self.model, self.optimizer, self.scheduler,
+                            {**stage.state(), "updates": updates, "run": stage.run_key},
+                            keep=self.train.keep_checkpoints)
+        self.world.barrier()
 
 
 def _duration(seconds: float) -> str:

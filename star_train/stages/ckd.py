@@ -28,8 +28,9 @@ import star_kernels as sk
 
 from ..data.examples import FORMATS, MASKS, example_batch, fingerprint, load_examples
 from ..data.records import load_records
+from ..runtime import distributed
 from ..runtime.config import ModelSpec, TrainConfig, enforce, section, setting
-from ..runtime.models import DTYPES, load_model, model_name, predicting_rows, resolve_device
+from ..runtime.models import DTYPES, load_model, model_name, predicting_rows
 from ..runtime.run_folder import open_run
 from ..runtime.schedule import BatchSchedule
 from ..runtime.trainer import StepPlan, Trainer
@@ -189,10 +190,12 @@ def prepare_teacher_cache(cfg: CKDRunConfig, examples, digest: str, out, pad_id:
                               fingerprint=digest, num_examples=len(examples),
                               shard_size=cfg.teacher.shard_size)
     pin_cache_settings(cache_dir, settings)  # a cache for another teacher, k or data: refused
+    world = distributed.current()
+    world.barrier()  # every rank sees the same shards on disk when deciding to build
     if not cache_is_complete(cache_dir):
         t0 = time.perf_counter()
         teacher = load_model(cfg.teacher.model, DTYPES[cfg.train.dtype],
-                             resolve_device(cfg.train.device))
+                             world.device(cfg.train.device))
         build_teacher_cache(teacher, examples, cache_dir, k=cfg.teacher.k,
                             batch_size=cfg.teacher.batch_size, shard_size=cfg.teacher.shard_size,
                             fingerprint=digest, teacher_name=settings["teacher"], pad_id=pad_id)
@@ -215,6 +218,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
     """Run (or resume) the CKD stage; returns a summary. ``on_step_end(step, report)`` is
     called after each optimizer step (and its checkpoint, if one was due)."""
     cfg.validate()
+    log = distributed.main_only_log(log, distributed.current())
     if tokenizer is None:
         from ..chat.tokenizer import qwen3_tokenizer
 

@@ -9,7 +9,8 @@ Layout: ``meta.json`` (k, teacher, the examples' fingerprint, shard size) and
 ``shard-00000.safetensors`` ... with ``ids`` ``[rows, k]`` int32, ``logprobs`` ``[rows, k]``
 float32 and ``offsets`` ``[examples + 1]`` int64 (the rows of example ``i`` of the shard are
 ``offsets[i]:offsets[i + 1]``). A shard is written under a temporary name and renamed,
-so building resumes after an interruption by skipping the shards that exist.
+so building resumes after an interruption by skipping the shards that exist. Under
+torchrun each rank builds every ``world_size``-th shard and all wait for the whole cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 import star_kernels as sk
 
 from ..data.examples import Example, example_batch
+from ..runtime import distributed
 from ..runtime.models import predicting_rows
 from ..runtime.run_folder import pin_settings
 
@@ -57,11 +59,14 @@ def build_teacher_cache(teacher, examples: list[Example], directory: str | Path,
         shard_size=shard_size))
     device = next(teacher.parameters()).device
     teacher.eval()
-    done = sum(len(examples[s:s + shard_size]) for s in range(0, len(examples), shard_size)
-               if _shard_path(directory, s // shard_size).exists())
-    bar = tqdm(total=len(examples), initial=done, desc="teacher top-k cache", unit="example",
-               mininterval=2)
-    for shard, start in enumerate(range(0, len(examples), shard_size)):
+    world = distributed.current()
+    mine = world.share(list(enumerate(range(0, len(examples), shard_size))))
+    done = sum(len(examples[start:start + shard_size]) for shard, start in mine
+               if _shard_path(directory, shard).exists())
+    bar = tqdm(total=sum(len(examples[start:start + shard_size]) for _, start in mine),
+               initial=done, desc="teacher top-k cache", unit="example", mininterval=2,
+               disable=not world.is_main)
+    for shard, start in mine:
         path = _shard_path(directory, shard)
         if path.exists():
             continue
@@ -87,6 +92,7 @@ def build_teacher_cache(teacher, examples: list[Example], directory: str | Path,
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
     bar.close()
+    world.barrier()  # every rank's shards are written before any rank reads the cache
     return directory
 
 
