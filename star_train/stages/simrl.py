@@ -24,6 +24,16 @@ killed and restarted at any point. As released (OpenRLHF's PPO loop with STAR's 
 5. the training skeleton logs each step and checkpoints between rollouts (the stream
    position, which dynamic filtering moves by a variable amount, is in the checkpoint).
 
+(Over 400 lines: the stage's rollout, its recorded log-probs and its loss share the
+sample records defined here; splitting them apart would pass those around.)
+
+On-policy KD (``grpo.op_kl_coef`` > 0, off by default and in both released scripts): the
+teacher (``teacher.model``) stays loaded, frozen, in the compute dtype; its log-probs of
+every kept completion's sampled tokens are recorded with the reference ones (trunk hidden
+states + ``fused_linear_logprobs``: no teacher logits), and each micro-batch's loss adds
+``op_kl_coef`` x the token mean of the ``grpo.op_kl_estimator`` estimate of
+KL(student || teacher) on those tokens, as the released trainer's ``op_kl`` term does.
+
 Parameters stay in fp32 (updates at lr 3e-7 vanish in bf16); ``train.dtype`` bfloat16
 runs generation and the forward/backward passes under autocast. The policy samples in
 eval mode and is trained in train mode: with dropout 0 (Qwen3's default) both are the
@@ -34,10 +44,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import star_kernels as sk
+from star_kernels.grpo import kl_penalty
 
 from ..chat.qwen3 import END_OF_TURN
 from ..data.examples import pad_batch
@@ -46,7 +58,13 @@ from ..data.records import load_records
 from ..reward import group_advantages, keep_group
 from ..runtime.config import ModelSpec, TrainConfig, enforce, section, setting
 from ..runtime.generation import derived_seed
-from ..runtime.models import predicting_rows
+from ..runtime.models import (
+    check_shared_vocabulary,
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    predicting_rows,
+)
 from ..runtime.run_folder import open_run
 from ..runtime.schedule import PromptStream
 from ..runtime.trainer import StepPlan, Trainer
@@ -82,6 +100,17 @@ class GRPOConfig:
     clip_eps: float = setting(0.2, min=0)
     kl_coef: float = setting(1e-3, min=0)
     kl_estimator: str = setting("k2", choices=("k1", "k2", "k3"))
+    # On-policy KD (released --op_kl_coef, 0.0 in both released scripts): this x the token
+    # mean of KL(student || teacher) on the sampled tokens; > 0 needs teacher.model. The
+    # released trainer has no flag of its own for the estimator: it reuses --kl_estimator
+    # (k2 in the released scripts), and clamps it to [-10, 10] like the GRPO KL.
+    op_kl_coef: float = setting(0.0, min=0)
+    op_kl_estimator: str = setting("k2", choices=("k1", "k2", "k3"))
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelSpec = section(ModelSpec)  # only read when grpo.op_kl_coef > 0
 
 
 @dataclass
@@ -101,10 +130,14 @@ class SimRLRunConfig:
     policy: PolicyConfig = section(PolicyConfig)
     rollout: RolloutConfig = section(RolloutConfig)
     grpo: GRPOConfig = section(GRPOConfig)
+    teacher: TeacherConfig = section(TeacherConfig)
     train: SimRLTrainConfig = section(SimRLTrainConfig)
 
     def validate(self) -> "SimRLRunConfig":
+        teacher = self.teacher.model
         enforce(self, [(self.data.path, "data.path must name a STAR jsonl file"),
+                       (not self.grpo.op_kl_coef or teacher.path or teacher.config,
+                        "grpo.op_kl_coef > 0 needs teacher.model (a path or a config)"),
                        *self.train.checks()], {"policy": self.policy.model})
         return self
 
@@ -125,6 +158,7 @@ class PromptGroup:
     advantages: list[float] | None = None  # kept groups only
     old_logprobs: list[torch.Tensor] | None = None  # [L_i] float32 each, kept groups only
     ref_logprobs: list[torch.Tensor] | None = None
+    teacher_logprobs: list[torch.Tensor] | None = None  # with on-policy KD only
 
 
 def sampling_seed(seed: int, step: int, sampling_round: int, chunk: int) -> int:
@@ -176,6 +210,7 @@ class _Sample:
     owner: PromptGroup
     old_logprobs: torch.Tensor | None = None  # float32 [L], recorded at sampling time
     ref_logprobs: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None  # on-policy KD's target, recorded likewise
 
 
 class SimRLStage:
@@ -208,6 +243,7 @@ class SimRLStage:
         # autocast, whose matmuls see bf16 weights either way; fp32 would double its memory.
         self.reference = copy.deepcopy(trainer.model).to(trainer.compute_dtype)
         self.reference.eval().requires_grad_(False)
+        self.teacher = load_teacher(cfg.teacher.model, trainer) if cfg.grpo.op_kl_coef else None
 
     @property
     def recorded_old(self) -> bool:
@@ -252,20 +288,27 @@ class SimRLStage:
         for group in kept:
             group.advantages = group_advantages(group.rewards, cfg.rollout.num_samples)
             group.old_logprobs, group.ref_logprobs = [], []
+            if self.teacher is not None:
+                group.teacher_logprobs = []
             self.samples += [_Sample(group.prompt_ids, c, a, group)
                              for c, a in zip(group.completions, group.advantages)]
         self._record_logprobs()
         self.pending = self._mini_batches()
         self.rollouts += 1
         tokens = sum(len(s.completion) for s in self.samples)
-        return {**_sampling_record(groups, kept, position, consumed, rounds, tokens),
-                "rollout": self.rollouts - 1, "_groups": groups}
+        record = _sampling_record(groups, kept, position, consumed, rounds, tokens)
+        if self.teacher is not None:
+            record["op_kl"] = None  # a step without an update has none
+        return {**record, "rollout": self.rollouts - 1, "_groups": groups}
 
     @torch.no_grad()
     def _record_logprobs(self) -> None:
-        """Reference log-probs of every kept completion, and (when updates need them) the
-        sampling policy's: both before any update of this rollout."""
+        """Reference log-probs of every kept completion, the teacher's (on-policy KD) and
+        (when updates need them) the sampling policy's: all before any update of this
+        rollout."""
         models = [("ref_logprobs", self.reference)]
+        if self.teacher is not None:
+            models.append(("teacher_logprobs", self.teacher))
         if self.recorded_old:
             models.append(("old_logprobs", self.trainer.model))
         micro = self.cfg.train.micro_batch_size
@@ -326,8 +369,30 @@ class SimRLStage:
             for sample, lp in zip(part, stats["logprobs"].float().cpu().split(lengths)):
                 sample.owner.old_logprobs.append(lp)
         n = sum(lengths)  # the skeleton wants sums over the micro-batch's tokens
-        return loss * n, {"kl": stats["mean_kl"].item() * n,
-                          "clip_fraction": stats["clip_fraction"].item() * n}
+        sums = {"kl": stats["mean_kl"].item() * n,
+                "clip_fraction": stats["clip_fraction"].item() * n}
+        if self.teacher is not None:
+            op_kl = self._op_kl(part, hidden, weight, ids, bias)
+            loss = loss + g.op_kl_coef * op_kl
+            sums["op_kl"] = op_kl.item() * n
+        return loss * n, sums
+
+    def _op_kl(self, part: list[_Sample], hidden, weight, ids, bias) -> torch.Tensor:
+        """Token mean of the estimate of KL(student || teacher) on the micro-batch's
+        sampled tokens (the released ``op_kl``: log pi_student - log pi_teacher in the
+        estimator, teacher detached, the per-token value clamped to [-10, 10]).
+
+        The GRPO op hands back its log-probs detached, so the student's differentiable
+        ones come from a second fused pass over the same trunk rows (the trunk runs once:
+        both terms are summed before the one backward). It saves only its inputs and
+        recomputes each chunk's logits in backward, so the cost is one more logits GEMM
+        forward and three in backward, on the completion tokens only; no ``[tokens x
+        vocab]`` tensor exists at any point."""
+        g = self.cfg.grpo
+        logp = sk.fused_linear_logprobs(hidden, weight, ids, bias=bias,
+                                        temperature=self.cfg.rollout.temperature)
+        target = torch.cat([s.teacher_logprobs for s in part]).to(logp.device)
+        return kl_penalty(logp, target, g.op_kl_estimator, kl_clamp=10.0).mean()
 
     def state(self) -> dict:
         return {"stream_position": self.position, "rollouts": self.rollouts}
@@ -341,9 +406,36 @@ class SimRLStage:
             line += (f"  reward {record['reward_mean']:.3f}  kept {record['groups_kept']}/"
                      f"{record['groups_sampled']}  prompts {record['prompts_consumed']}")
         if record["updated"]:
-            return line + (f"  loss {record['loss']:.4f}  kl {record['kl']:.2e}  clip "
+            op_kl = f"  op_kl {record['op_kl']:.2e}" if record.get("op_kl") is not None else ""
+            return line + (f"  loss {record['loss']:.4f}  kl {record['kl']:.2e}{op_kl}  clip "
                            f"{record['clip_fraction']:.3f}  tokens {record['completion_tokens']}")
         return line + "  no group kept: no update"
+
+
+def load_teacher(spec: ModelSpec, trainer: Trainer):
+    """The on-policy KD teacher: frozen, in eval mode and in the run's compute dtype (it
+    only runs under autocast, whose matmuls see that dtype either way), refused unless
+    its token ids mean what the policy's do (the KL compares the same sampled ids)."""
+    teacher = load_model(spec, trainer.compute_dtype, trainer.device)
+    teacher.eval().requires_grad_(False)
+    check_vocab(teacher, trainer.tokenizer, "teacher")
+    own = _own_tokenizer(spec)
+    # the same object (a config-built teacher's offline Qwen3 tokenizer is the run's):
+    # nothing to compare, and comparing two 151k-token tables takes a second
+    check_shared_vocabulary(teacher, trainer.model, None if own is trainer.tokenizer else own,
+                            trainer.tokenizer)
+    return teacher
+
+
+def _own_tokenizer(spec: ModelSpec):
+    """The teacher's own tokenizer when it has one (a folder with tokenizer files, a
+    ``.gguf`` file, or a config-built Qwen3's); None for a bare weights folder, which
+    can then only be checked by its vocabulary size."""
+    folder = Path(spec.path) if spec.path else None
+    if folder is not None and folder.is_dir() and not any(
+            (folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return load_tokenizer(spec)
 
 
 def _sampling_record(groups, kept, position, consumed, rounds, tokens) -> dict:
