@@ -84,6 +84,9 @@ class TrainConfig:
     log_every: int = setting(1, min=1)
     seed: int = 0
     tensorboard: bool = False                  # also log every step to out_dir/tensorboard
+    # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa (see speedups)
+    attn_implementation: str = setting("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    liger_kernels: bool = False  # Liger's RMSNorm/SwiGLU/RoPE on the trunk (CUDA; our fused head stays)
 
     def checks(self) -> list:
         """What ``setting`` ranges cannot say, for the stages' ``validate``."""

@@ -5,7 +5,8 @@ does (``plan_step``) and the loss of one micro-batch (``micro_loss``). The skele
 the rest, the same for every stage:
 
 * the model: loaded in fp32 (AdamW updates at lr 3e-6 vanish in bf16), vocabulary
-  checked against the tokenizer, gradient checkpointing, train mode;
+  checked against the tokenizer, its attention implementation and optional Liger trunk
+  kernels (``speedups``), gradient checkpointing, train mode;
 * AdamW and the learning-rate schedule (as released: betas (0.9, 0.95), no decay on
   biases and norm weights, 3% linear warm-up, cosine down to 0.1 x lr);
 * resume: the newest checkpoint under ``checkpoints/`` restores the model, optimizer,
@@ -40,7 +41,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import distributed
+from . import distributed, speedups
 from .checkpoint import append_log, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .config import ModelSpec, TrainConfig
 from .models import DTYPES, autocast, check_vocab, enable_gradient_checkpointing, load_model
@@ -132,9 +133,13 @@ class Trainer:
         self.log = distributed.main_only_log(log, self.world)
         self.device = self.world.device(train.device)
         self.compute_dtype = DTYPES[train.dtype]
+        attention = speedups.pick_attention(train.attn_implementation, self.device)
         self.model = load_model(model_spec, torch.float32, self.device)
         check_vocab(self.model, tokenizer, role)
         self.world.broadcast_parameters(self.model)
+        speedups.set_attention(self.model, attention)
+        if train.liger_kernels:
+            speedups.apply_liger_trunk(self.model, self.device, self.log)
         self.model.train()
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
