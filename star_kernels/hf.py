@@ -42,6 +42,7 @@ trunk runs under it too. :class:`CKDTrainerMixin` enters the Trainer's autocast
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from typing import ClassVar
 
@@ -57,6 +58,7 @@ __all__ = [
     "ckd_compute_loss",
     "ckd_loss_from_model",
     "decoder_and_head",
+    "gathered",
     "grpo_loss_from_model",
     "hidden_states",
     "logprobs_from_model",
@@ -112,7 +114,29 @@ def hidden_states(model, input_ids, attention_mask=None, **trunk_kwargs):
     trunk_kwargs.setdefault("use_cache", False)
     out = trunk(input_ids=input_ids, attention_mask=attention_mask, **trunk_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden, head.weight, head.bias
+    return hidden, gathered(head.weight), gathered(head.bias)
+
+
+def gathered(param: torch.Tensor | None) -> torch.Tensor | None:
+    """``param`` as a plain tensor; an FSDP2-sharded parameter (a ``DTensor``) all-gathered.
+
+    Under ``fully_shard`` the helpers work when called inside the root module's forward,
+    i.e. through :mod:`star_kernels.patching`'s patched ``model(**batch)``: FSDP2 has
+    unsharded the root's parameters there. An ``lm_head`` that is its own ``fully_shard``
+    unit stays sharded, since its forward never runs (the fused ops read its weight
+    instead): it is gathered here, and in backward its gradient is reduce-scattered back
+    to the shards and averaged over the ranks, as FSDP2 does for every other parameter
+    (``Partial("avg")``). Other tensors pass through unchanged.
+    """
+    # A DTensor exists only once torch.distributed.tensor is imported: everyone else skips
+    # importing it (and torch builds without torch.distributed never reach it).
+    if param is None or "torch.distributed.tensor" not in sys.modules:
+        return param
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(param, DTensor):
+        return param
+    return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
 
 
 def _check_batch(name, t, batch):
