@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from . import _backends
 from . import _validation as V
+from . import grpo as _grpo
 from ._chunked import cast_operands, finish_grad, rows_per_chunk, run_chunks
 from ._config import CKDConfig, RunOptions
 from ._torch_rows import (
@@ -56,8 +57,8 @@ from ._torch_rows import (
 from .ckd import _check_ckd_args
 from .logprobs import check_logprob_args
 
-__all__ = ["vocab_parallel_linear_ckd_loss", "vocab_parallel_linear_logprobs",
-           "vocab_shard_range"]
+__all__ = ["vocab_parallel_linear_ckd_loss", "vocab_parallel_linear_grpo_loss",
+           "vocab_parallel_linear_logprobs", "vocab_shard_range"]
 
 
 def vocab_shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -171,7 +172,7 @@ def _top_m_mask(z, m: int, shard: _Shard):
     cand = z.topk(k, dim=1, sorted=False).values
     if k < m:  # all_gather needs one shape on every rank; -inf never beats a real value
         cand = torch.nn.functional.pad(cand, (0, m - k), value=float("-inf"))
-    cand = shard.all_gather(cand).permute(1, 0, 2).reshape(z.shape[0], -1)
+    cand = shard.all_gather(cand).permute(1, 0, 2).reshape(z.shape[0], shard.world * m)
     threshold = cand.topk(m, dim=1, sorted=False).values.amin(1, keepdim=True)
     above = (cand > threshold).sum(1, dtype=torch.int32)  # exact: see the module docstring
     ties = (z == threshold).sum(1, dtype=torch.int32)
@@ -521,3 +522,93 @@ def vocab_parallel_linear_logprobs(
         return out[0].reshape(token_shape), out[1].reshape(token_shape)
     return out.reshape(token_shape)
 
+
+
+# ---------------------------------------------------------------------------- GRPO
+
+
+def vocab_parallel_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_eps: float | tuple[float, float] = 0.2,
+    kl_coef: float = 1e-3,
+    kl_estimator: str = "k2",
+    temperature: float = 1.0,
+    loss_agg: str = "token_mean",
+    bias: torch.Tensor | None = None,
+    *,
+    group=None,
+    kl_clamp: float | None = 10.0,
+    memory_budget: int | None = None,
+    validate: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`star_kernels.fused_linear_grpo_loss` with the lm_head split by vocabulary rows
+    over the ranks of ``group``; see :func:`vocab_parallel_linear_ckd_loss` for the layout.
+
+    Returns ``(loss, diagnostics)`` as the single-process op, the same on every rank. Built
+    on :func:`vocab_parallel_linear_logprobs` of the masked-in tokens: the per-token loss is
+    an elementwise function of the log-probs, whose derivative (the single-process op's
+    ``token_terms``) is fed to their backward, which recomputes the logits chunks (four
+    GEMMs per chunk instead of the single-process op's three).
+    """
+    low, high = _grpo._clip_range(clip_eps)
+    V.check_linear(hidden, weight, None)
+    _check_bias_shard(bias, weight)
+    shard = _shard_of(hidden, weight, group, {
+        "hidden (tokens)": hidden.shape[:-1].numel(), "hidden (size)": hidden.shape[-1],
+        "bias (given)": bias is not None})
+    checks = _grpo._check_grpo_args(hidden, _full_weight_stand_in(weight, shard.vocab),
+                                    token_ids, advantages, mask, old_logprobs, ref_logprobs,
+                                    None, temperature, kl_coef, kl_estimator, loss_agg,
+                                    memory_budget, validate, kl_clamp)
+    if checks is not None:
+        checks.run()
+    run = RunOptions("torch", memory_budget or _backends.default_memory_budget(hidden.device),
+                     _backends.compute_dtype(hidden, weight, bias))
+    ctype = torch.promote_types(run.compute_dtype, torch.float32)
+    n_seq, seq_len = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 \
+        else (1, hidden.shape[0])
+    rows = (mask.reshape(-1) != 0).nonzero().squeeze(1)  # the same rows on every rank
+    count = max(rows.numel(), 1)
+    per_sequence = hidden.dim() == 3 and advantages.dim() == 1
+    adv = (advantages.to(ctype)[rows // seq_len] if per_sequence
+           else advantages.reshape(-1).to(ctype)[rows])
+    old, ref = (None if t is None else t.reshape(-1).to(ctype)[rows]
+                for t in (old_logprobs, ref_logprobs))
+    if loss_agg == "token_mean":
+        token_weight = torch.full_like(adv, 1.0 / count)
+    elif loss_agg == "dr_grpo":
+        token_weight = torch.full_like(adv, 1.0 / max(n_seq * seq_len, 1))
+    else:  # each present sequence's masked mean, averaged over present sequences
+        seq = rows // seq_len
+        lengths = torch.zeros(n_seq, dtype=ctype, device=adv.device).index_add_(
+            0, seq, torch.ones_like(adv))
+        token_weight = 1.0 / (lengths[seq] * (lengths > 0).sum().clamp_min(1))
+
+    opts = _Options(run, shard, temperature=float(temperature))
+    logp = _LogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1])[rows], weight, bias,
+                                   token_ids.reshape(-1)[rows], opts).to(ctype)
+    per_token, dloss, ratio, clip_active, kl = _grpo.token_terms(
+        logp.detach(), adv, old, ref, low, high, kl_coef, kl_estimator,
+        None if kl_clamp is None else float(kl_clamp))
+    # The value of the weighted per-token losses, and their derivative in logp as the
+    # single-process op defines it (on-policy, ratio = 1 has the gradient of logp).
+    loss = (token_weight * per_token).sum() + (token_weight * dloss * (logp - logp.detach())).sum()
+
+    def token_mean(x):
+        return x.to(ctype).sum() / count
+
+    diagnostics = {
+        "clip_fraction": token_mean(clip_active),
+        "mean_kl": torch.zeros((), dtype=ctype, device=hidden.device) if kl is None
+        else token_mean(kl),
+        "mean_ratio": token_mean(ratio),
+        "logprobs": torch.zeros(token_ids.numel(), dtype=ctype, device=hidden.device)
+        .index_copy_(0, rows, logp.detach()).view(token_ids.shape),
+    }
+    return loss, diagnostics

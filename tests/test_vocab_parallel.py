@@ -1,6 +1,7 @@
 """Vocab-parallel fused ops on 2 and 3 gloo processes equal the single-process op and the
-fp64 full-logits reference: loss (or log-probs and entropies) and the gradients of the
-hidden states and of the full weight (the ranks' slices concatenated), to ~1e-10.
+fp64 full-logits reference: the CKD loss, log-probs and entropies, the GRPO loss and its
+diagnostics, and the gradients of the hidden states and of the full weight (the ranks'
+slices concatenated), to ~1e-10.
 
 V = 1000 does not divide by 3 (slices of 334, 333, 333 rows), H = 7, N = 21. One spawn
 per world size runs every case; the parent compares. The "tied" problem has small
@@ -52,7 +53,22 @@ CASES = {
                                   knobs=dict(temperature=0.8, return_entropy=True)),
     "logprobs_chunks": dict(op="logprobs", problem="tied",
                             knobs=dict(memory_budget=3 * 500 * 16)),
+    "grpo_token_mean": dict(op="grpo", problem="random",
+                            knobs=dict(kl_coef=0.1, loss_agg="token_mean")),
+    "grpo_seq_mean_on_policy": dict(op="grpo", problem="random", bias=True, on_policy=True,
+                                    token_advantages=True,
+                                    knobs=dict(kl_coef=0.2, kl_estimator="k3",
+                                               loss_agg="seq_mean", temperature=0.9,
+                                               clip_eps=(0.1, 0.3),
+                                               memory_budget=3 * 500 * 16)),
+    "grpo_dr_grpo_k1": dict(op="grpo", problem="tied",
+                            knobs=dict(kl_coef=0.05, kl_estimator="k1", loss_agg="dr_grpo")),
 }
+
+
+VOCAB_PARALLEL = {"ckd": sk.vocab_parallel_linear_ckd_loss,
+                  "logprobs": sk.vocab_parallel_linear_logprobs,
+                  "grpo": sk.vocab_parallel_linear_grpo_loss}
 
 
 def problem(kind: str) -> dict:
@@ -76,8 +92,16 @@ def problem(kind: str) -> dict:
     mask[1, 5:] = False
     mask[2, 0] = False
     tokens = torch.randint(0, VOCAB, SHAPE, generator=g)
+    # GRPO: behaviour and reference log-probs near the policy's, so that some ratios fall
+    # inside the clip range and some outside.
+    logp = reference.fused_linear_logprobs(hidden, weight, tokens)
+    old = logp + 0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    ref = logp + 0.5 * torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    advantages = torch.randn(SHAPE[0], generator=g, dtype=torch.float64)
+    token_advantages = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     return dict(hidden=hidden, weight=weight, bias=bias, ids=ids, logprobs=logprobs,
-                labels=labels, mask=mask, tokens=tokens)
+                labels=labels, mask=mask, tokens=tokens, old=old, ref=ref,
+                advantages=advantages, token_advantages=token_advantages)
 
 
 def evaluate(case: dict, fn, weight, bias) -> dict:
@@ -95,12 +119,21 @@ def evaluate(case: dict, fn, weight, bias) -> dict:
         out = fn(hidden, leaves[1], p["ids"], p["logprobs"], bias=b,
                  mask=p["mask"] if case.get("mask") else None,
                  labels=p["labels"] if case.get("labels") else None, **case["knobs"])
+    elif case["op"] == "grpo":
+        adv = p["token_advantages" if case.get("token_advantages") else "advantages"]
+        loss, diagnostics = fn(hidden, leaves[1], p["tokens"], adv, p["mask"],
+                               old_logprobs=None if case.get("on_policy") else p["old"],
+                               ref_logprobs=p["ref"], bias=b, **case["knobs"])
+        out = loss
     else:
         out = fn(hidden, leaves[1], p["tokens"], bias=b, **case["knobs"])
     outs = list(out) if isinstance(out, tuple) else [out]
+    if case["op"] == "grpo":  # the diagnostics are compared as outputs too (no gradient)
+        outs += [diagnostics[k] for k in ("clip_fraction", "mean_kl", "mean_ratio", "logprobs")]
     g = torch.Generator().manual_seed(7)
-    ups = [torch.randn(o.shape, generator=g, dtype=o.dtype) + 0.5 for o in outs]
-    grads = torch.autograd.grad(outs, leaves, ups)
+    diff = [o for o in outs if o.requires_grad]
+    ups = [torch.randn(o.shape, generator=g, dtype=o.dtype) + 0.5 for o in diff]
+    grads = torch.autograd.grad(diff, leaves, ups)
     return {"outs": [o.detach() for o in outs], "grads": [x.detach() for x in grads]}
 
 
@@ -132,6 +165,23 @@ def error_cases(rank: int, world: int, group) -> dict:
     return out
 
 
+def empty_mask(weight) -> dict:
+    """An all-false mask: CKD and GRPO losses are 0 with zero gradients, as single-process."""
+    p = problem("random")
+    none = torch.zeros(SHAPE, dtype=torch.bool)
+    out = {}
+    for op in ("ckd", "grpo"):
+        hidden, w = p["hidden"].clone().requires_grad_(), weight.clone().requires_grad_()
+        if op == "ckd":
+            loss = sk.vocab_parallel_linear_ckd_loss(hidden, w, p["ids"], p["logprobs"],
+                                                     mask=none)
+        else:
+            loss, _ = sk.vocab_parallel_linear_grpo_loss(hidden, w, p["tokens"],
+                                                         p["advantages"], none)
+        out[op] = (loss.detach(), *torch.autograd.grad(loss, [hidden, w]))
+    return out
+
+
 def _worker(rank: int, world: int, store: str, out_dir: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -141,9 +191,9 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
         results = {}
         for name, case in CASES.items():
             p = problem(case["problem"])
-            fn = (sk.vocab_parallel_linear_ckd_loss if case["op"] == "ckd"
-                  else sk.vocab_parallel_linear_logprobs)
+            fn = VOCAB_PARALLEL[case["op"]]
             results[name] = evaluate(case, fn, p["weight"][start:end], p["bias"][start:end])
+        results["empty_mask"] = empty_mask(p["weight"][start:end])
         # A subgroup (all ranks here) takes the same path as the default group.
         results["errors"] = error_cases(rank, world, dist.new_group(list(range(world))))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -211,8 +261,10 @@ def combined(case: dict, results: list) -> dict:
 
 
 SINGLE = {"ckd": functools.partial(sk.fused_linear_ckd_loss, backend="torch"),
-          "logprobs": functools.partial(sk.fused_linear_logprobs, backend="torch")}
-REFERENCE = {"ckd": reference.fused_linear_ckd_loss, "logprobs": reference.fused_linear_logprobs}
+          "logprobs": functools.partial(sk.fused_linear_logprobs, backend="torch"),
+          "grpo": functools.partial(sk.fused_linear_grpo_loss, backend="torch")}
+REFERENCE = {"ckd": reference.fused_linear_ckd_loss, "logprobs": reference.fused_linear_logprobs,
+             "grpo": reference.fused_linear_grpo_loss}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -223,7 +275,8 @@ def test_equals_single_process_and_reference(ranks, name, against):
     got = combined(case, [res[name] for res in results])
     fn = (SINGLE if against == "single_process" else REFERENCE)[case["op"]]
     want = expected(case, fn)
-    labels = ["output", "entropy"] if len(want["outs"]) > 1 else ["output"]
+    labels = {"ckd": ["loss"], "logprobs": ["logp", "entropy"],
+              "grpo": ["loss", "clip_fraction", "mean_kl", "mean_ratio", "logprobs"]}[case["op"]]
     for what, a, b in zip(labels, got["outs"], want["outs"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{world} ranks: {what}")
     for what, a, b in zip(["grad hidden", "grad weight", "grad bias"], got["grads"],
@@ -262,6 +315,14 @@ def test_errors_name_the_argument(ranks):
     assert "disagree on hidden (tokens)" in e["ranks_disagree"]
     assert "bias" in e["bias_not_slice"] and "[V_r]" in e["bias_not_slice"]
     assert "token_ids" in e["logprob_id_outside"]
+
+
+def test_empty_mask_gives_zero_loss_and_gradients(ranks):
+    _, results = ranks
+    for res in results:
+        for op, tensors in res["empty_mask"].items():
+            for t in tensors:
+                assert t.abs().max() == 0, op
 
 
 def test_needs_an_initialised_process_group():
