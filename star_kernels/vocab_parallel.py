@@ -36,7 +36,8 @@ per-chunk transient memory is one ``[chunk, V_r]`` block plus its workspace, nev
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import zlib
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -107,31 +108,62 @@ class _Shard:
         return torch.stack(parts)
 
 
-def _shard_of(hidden, weight, group, agree: dict) -> _Shard:
-    """This rank's vocabulary slice, from every rank's ``weight.shape[0]``; the ranks must
-    also agree on ``agree`` (name -> int), or every rank raises the same error."""
+def _shard_of(hidden, weight, bias, group, agree, knobs) -> _Shard:
+    """This rank's vocabulary slice, from every rank's ``weight.shape[0]`` (one all-gather).
+
+    The same all-gather makes every rank fail together instead of leaving the others
+    waiting in a collective: when one rank's own arguments are wrong (its weight or bias
+    slice), or the ranks disagree on ``agree`` (name -> function giving an int, e.g. the
+    token count) or on ``knobs`` (every other setting, compared through a checksum of its
+    ``repr``), every rank raises.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("the vocab-parallel ops need torch.distributed initialised "
                            "(torch.distributed.init_process_group) for group")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if rank < 0:
         raise ValueError("group: this process is not a member of the given process group")
-    if weight.shape[0] < 1:
-        raise ValueError("weight holds no vocabulary rows on this rank: every rank needs "
-                         "at least one")
-    mine = torch.tensor([weight.shape[0], *agree.values()], dtype=torch.int64,
-                        device=hidden.device)
+    try:  # the checks of what differs by rank; the replicated inputs are checked later
+        V.check_linear(hidden, weight, None)
+        _check_bias_shard(bias, weight)
+        error, row = None, [weight.shape[0], *(f() for f in agree.values())]
+    except (TypeError, ValueError) as err:
+        error, row = err, [0] * (1 + len(agree))
+    row = [error is not None, zlib.crc32(repr(knobs).encode()), *row]
+    mine = torch.tensor(row, dtype=torch.int64,
+                        device=hidden.device if isinstance(hidden, torch.Tensor) else "cpu")
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
-    table = torch.stack(parts).tolist()  # one host read per call: sizes and agreement
-    for col, name in enumerate(agree, start=1):
-        values = [row[col] for row in table]
+    # One host read per call; columns: failed, knobs checksum, slice rows, then `agree`.
+    failed, checksums, sizes, *agreed = zip(*torch.stack(parts).tolist())
+    if error is not None:
+        raise error
+    if any(failed):
+        bad = [r for r, f in enumerate(failed) if f]
+        raise ValueError(f"rank(s) {bad} of the group rejected their arguments (the error "
+                         "there names the argument); no rank computes")
+    if min(sizes) < 1:
+        raise ValueError(f"weight: every rank needs at least one vocabulary row, got slices "
+                         f"of {list(sizes)} rows by rank")
+    if len(set(checksums)) > 1:
+        raise ValueError(f"the ranks disagree on the other arguments ({', '.join(knobs)}): "
+                         "every rank must pass the same values")
+    for name, values in zip(agree, agreed):
         if len(set(values)) > 1:
-            raise ValueError(f"the ranks disagree on {name}: {values} by rank; every rank "
-                             "must pass the same hidden states, targets and knobs")
-    sizes = [row[0] for row in table]
+            raise ValueError(f"the ranks disagree on {name}: {list(values)} by rank; every "
+                             "rank must pass the same hidden states, targets and knobs")
     return _Shard(group, rank, world, start=sum(sizes[:rank]), rows=sizes[rank],
                   vocab=sum(sizes), max_rows=max(sizes))
+
+
+def _common_agreement(hidden, bias) -> dict:
+    """What every op's ranks must agree on: the tokens, the hidden size, whether a bias."""
+    return {"hidden (tokens)": lambda: hidden.shape[:-1].numel(),
+            "hidden (size)": lambda: hidden.shape[-1], "bias (given)": lambda: bias is not None}
+
+
+def _dtypes(*tensors):
+    return tuple(getattr(t, "dtype", None) for t in tensors)
 
 
 def _full_weight_stand_in(weight, vocab):
@@ -362,13 +394,11 @@ def vocab_parallel_linear_ckd_loss(
                     kd_ratio=float(kd_ratio), temperature=float(temperature),
                     tail_bucket=bool(tail_bucket), ignore_index=ignore_index,
                     kd_type=kd_type)
-    V.check_linear(hidden, weight, None)
-    _check_bias_shard(bias, weight)
     k = teacher_ids.shape[-1] if isinstance(teacher_ids, torch.Tensor) else -1
-    shard = _shard_of(hidden, weight, group, {
-        "hidden (tokens)": hidden.shape[:-1].numel(), "hidden (size)": hidden.shape[-1],
-        "teacher_ids (K)": k, "student_topm": student_topm if isinstance(student_topm, int)
-        else -1, "bias (given)": bias is not None})
+    shard = _shard_of(hidden, weight, bias, group,
+                      {**_common_agreement(hidden, bias), "teacher_ids (K)": lambda: k},
+                      {**asdict(cfg), "reduction": reduction, "memory_budget": memory_budget,
+                       "dtypes": _dtypes(hidden, weight, bias)})
     checks = _check_ckd_args(hidden, _full_weight_stand_in(weight, shard.vocab), teacher_ids,
                              teacher_logprobs, mask, None, labels, cfg, reduction,
                              memory_budget, validate)
@@ -500,11 +530,9 @@ def vocab_parallel_linear_logprobs(
     Per chunk of rows: two all-reduces (row max, then ``[chunk, 3]`` sums), forward and
     again in backward, plus one all-reduce of ``grad_hidden``.
     """
-    V.check_linear(hidden, weight, None)
-    _check_bias_shard(bias, weight)
-    shard = _shard_of(hidden, weight, group, {
-        "hidden (tokens)": hidden.shape[:-1].numel(), "hidden (size)": hidden.shape[-1],
-        "return_entropy": bool(return_entropy), "bias (given)": bias is not None})
+    shard = _shard_of(hidden, weight, bias, group, _common_agreement(hidden, bias),
+                      {"temperature": temperature, "return_entropy": bool(return_entropy),
+                       "memory_budget": memory_budget, "dtypes": _dtypes(hidden, weight, bias)})
     check_logprob_args(hidden, _full_weight_stand_in(weight, shard.vocab), token_ids, None,
                        temperature, memory_budget)
     checks = V.value_checks(validate, "vocab_parallel_logprobs", hidden.device)
@@ -557,11 +585,10 @@ def vocab_parallel_linear_grpo_loss(
     GEMMs per chunk instead of the single-process op's three).
     """
     low, high = _grpo._clip_range(clip_eps)
-    V.check_linear(hidden, weight, None)
-    _check_bias_shard(bias, weight)
-    shard = _shard_of(hidden, weight, group, {
-        "hidden (tokens)": hidden.shape[:-1].numel(), "hidden (size)": hidden.shape[-1],
-        "bias (given)": bias is not None})
+    shard = _shard_of(hidden, weight, bias, group, _common_agreement(hidden, bias),
+                      {"clip_eps": (low, high), "kl_coef": kl_coef, "kl_estimator": kl_estimator,
+                       "temperature": temperature, "loss_agg": loss_agg, "kl_clamp": kl_clamp,
+                       "memory_budget": memory_budget, "dtypes": _dtypes(hidden, weight, bias)})
     checks = _grpo._check_grpo_args(hidden, _full_weight_stand_in(weight, shard.vocab),
                                     token_ids, advantages, mask, old_logprobs, ref_logprobs,
                                     None, temperature, kl_coef, kl_estimator, loss_agg,

@@ -152,6 +152,13 @@ def error_cases(rank: int, world: int, group) -> dict:
                                      p["ids"][: 3 - (rank == 1)],
                                      p["logprobs"][: 3 - (rank == 1)]),
         "bias_not_slice": lambda: op(p["hidden"], w, p["ids"], p["logprobs"], bias=p["bias"]),
+        # Wrong on one rank only: every rank must raise, none may wait in a collective.
+        "one_rank_bad_weight": lambda: op(p["hidden"], w[:, :4] if rank == 1 else w, p["ids"],
+                                          p["logprobs"]),
+        "one_rank_other_knob": lambda: op(p["hidden"], w, p["ids"], p["logprobs"],
+                                          temperature=0.5 if rank == 1 else 1.0),
+        "empty_slice": lambda: op(p["hidden"], w[:0] if rank == 0 else w, p["ids"],
+                                  p["logprobs"]),
         "logprob_id_outside": lambda: sk.vocab_parallel_linear_logprobs(
             p["hidden"], w, p["tokens"].clone().fill_(-1), group=group),
     }
@@ -307,9 +314,16 @@ def test_tied_case_straddles_rank_boundaries(world):
 def test_errors_name_the_argument(ranks):
     world, results = ranks
     errors = [res["errors"] for res in results]
-    for e in errors:  # every rank raises (none hangs); only the bias message names its V_r
-        assert all(e[k] and e[k] == errors[0][k] for k in e if k != "bias_not_slice"), e
+    rank_specific = ("bias_not_slice", "one_rank_bad_weight")  # messages about a rank's slice
+    for e in errors:  # every rank raises (none hangs)
+        assert all(e[k] and e[k] == errors[0][k] for k in e if k not in rank_specific), e
+        assert all(e[k] for k in rank_specific), e
     e = errors[0]
+    assert "rank(s) [1]" in e["one_rank_bad_weight"]
+    assert "hidden size 4" in errors[1]["one_rank_bad_weight"]
+    assert "disagree on the other arguments" in e["one_rank_other_knob"]
+    assert "temperature" in e["one_rank_other_knob"]
+    assert "weight: every rank needs at least one vocabulary row" in e["empty_slice"]
     assert "teacher_ids" in e["id_outside_vocab"] and f"[0, {VOCAB})" in e["id_outside_vocab"]
     assert "student_topm" in e["topm_above_vocab"] and f"V={VOCAB}" in e["topm_above_vocab"]
     assert "disagree on hidden (tokens)" in e["ranks_disagree"]
