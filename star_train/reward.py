@@ -69,9 +69,12 @@ when that similarity is 0.
 Other tool-call formats (``similarity_reward(..., fmt=...)``, see ``chat.templates``): the
 rules above are about calls, not about how they are spelled. A response in another format
 (Llama 3.1 JSON, or a model template without a think block) is parsed by that format
-(malformed in it: -1), written back as the Qwen3 text of the same reasoning, calls and
-reply (``ChatRenderer.to_hermes``; the end-of-turn token kept when the model wrote one) and
-scored by the chosen rule set, so both sets apply unchanged to the parsed calls.
+(malformed in it: -1) and the chosen rule set scores the parsed calls and reply
+(``released_parsed_reward``, ``strict_parsed_reward``): validity, then call or text
+similarity, exactly as above. A reply is the format's reply, whatever it contains (a
+``<tool_call>`` in a Llama 3.1 reply is text, not a call); under the released rules it is
+read with the end-of-turn token when the model wrote one, as the released code reads a
+Qwen3 reply.
 """
 
 
@@ -85,6 +88,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from .chat.formats import split_end
 from .chat.qwen3 import (  # noqa: F401  (ParsedResponse: public)
     ASSISTANT_HEADER,
     CALL_OPEN,
@@ -223,9 +227,13 @@ def reference_target(reference: Any) -> tuple[list[dict] | None, str]:
 
 def strict_similarity_reward(response: str, reference: dict, tools: list) -> float:
     """The ``"strict"`` rule set (see the module doc): -1 if invalid, else in [0, 1]."""
+    return strict_parsed_reward(parse_response(response), reference, tools)
+
+
+def strict_parsed_reward(parsed: ParsedResponse, reference: dict, tools: list) -> float:
+    """The ``"strict"`` rules on a parsed response (any tool-call format's parse)."""
     reference_calls, reference_text = reference_target(reference)
     tool_index = tools_by_name(tools)
-    parsed = parse_response(response)
     if parsed.error is not None:
         return INVALID_REWARD
     predicted_calls = parsed.tool_calls or []
@@ -422,18 +430,40 @@ def released_similarity_reward(response: str, reference: dict, tools: list) -> f
         parsed = released_parse(response.split(ASSISTANT_HEADER)[-1])
     except ValueError:
         return INVALID_REWARD
-    if not released_calls_valid(parsed.calls, released_tool_table(tools)):
+    return _released_score(parsed.calls, parsed.reply, reference_calls, reference_reply, tools)
+
+
+def _released_score(calls: list, reply: str | None, reference_calls, reference_reply,
+                    tools: list) -> float:
+    """The released rules after the format check: validity, then calls or the reply
+    (None when the answer has calls) against the reference label's."""
+    if not released_calls_valid(calls, released_tool_table(tools)):
         return INVALID_REWARD
     if reference_calls:
-        if not parsed.calls:
+        if not calls:
             return 0.0
         try:
-            return float(released_call_similarity(parsed.calls, reference_calls))
+            return float(released_call_similarity(calls, reference_calls))
         except Exception:  # the released code raises here (e.g. list arguments)
             return INVALID_REWARD
-    if not parsed.reply:
+    if not reply:
         return 0.0
-    return float(released_text_similarity(parsed.reply, reference_reply))
+    return float(released_text_similarity(reply, reference_reply))
+
+
+def released_parsed_reward(parsed: ParsedResponse, ended: bool, reference: dict,
+                           tools: list) -> float:
+    """The ``"released"`` rules on a response parsed by another tool-call format
+    (``ended``: the model wrote its end-of-turn token). The released code reads the reply
+    as the text after ``</think>`` with the end token (``"reply<|im_end|>"``, as the
+    reference label reads); so is it here."""
+    tools_by_name(tools)
+    reference_calls, reference_reply = released_reference(reference)
+    if parsed.error is not None:
+        return INVALID_REWARD
+    calls = parsed.tool_calls or []
+    reply = None if calls else parsed.reply + (END_OF_TURN if ended else "")
+    return _released_score(calls, reply, reference_calls, reference_reply, tools)
 
 
 def similarity_reward(response: str, reference: dict, tools: list, *,
@@ -451,16 +481,14 @@ def similarity_reward(response: str, reference: dict, tools: list, *,
     """
     if rules not in RULES:
         raise ValueError(f"rules must be one of {RULES}, got {rules!r}")
-    if fmt is not None:
-        renderer = _renderer(fmt)
-        if not renderer.native:
-            if not isinstance(response, str):
-                raise ValueError(f"response must be a str, got {type(response).__name__}")
-            response = renderer.to_hermes(response)
-            if response is None:
-                tools_by_name(tools)       # the argument checks still name a bad reference
-                reference_target(reference)  # or tool list, as they do for a -1 response
-                return INVALID_REWARD
+    renderer = None if fmt is None else _renderer(fmt)
+    if renderer is not None and not renderer.native:
+        if not isinstance(response, str):
+            raise ValueError(f"response must be a str, got {type(response).__name__}")
+        parsed = renderer.parse(response)
+        if rules == "strict":
+            return strict_parsed_reward(parsed, reference, tools)
+        return released_parsed_reward(parsed, split_end(response)[1], reference, tools)
     if rules == "released":
         return released_similarity_reward(response, reference, tools)
     return strict_similarity_reward(response, reference, tools)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from star_train.chat import qwen3
-from star_train.chat.formats import FORMATS, HERMES, LLAMA31_JSON, LLAMA31_TOOLS_INTRO, get_format, hermes_response
+from star_train.chat.formats import FORMATS, HERMES, LLAMA31_JSON, LLAMA31_TOOLS_INTRO, get_format
 from star_train.chat.templates import chat_renderer, template_format, template_handles_tools
 from star_train.data.records import build_example, load_records
 from star_train.reward import similarity_reward
@@ -137,8 +137,7 @@ def test_reward_applies_to_calls_parsed_from_either_format():
         renderer = chat_renderer(fmt=fmt)
 
         def reward(completion):
-            text = hermes_response(renderer.parse(renderer.full_response(completion)))
-            return -1.0 if text is None else similarity_reward(text, reference, [WEATHER])
+            return similarity_reward(renderer.full_response(completion), reference, [WEATHER], fmt=renderer)
 
         right = renderer.render_answer(reference["tool_calls"], reasoning="weather")
         half = renderer.render_answer([{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}])

@@ -199,17 +199,6 @@ def hermes_tools_text(tools: list) -> str:
     return qwen3._TOOLS_HEADER + lines + qwen3._TOOLS_FOOTER.removesuffix("<|im_end|>\n")
 
 
-def hermes_response(parsed: ParsedResponse) -> str | None:
-    """A parsed response written back in the Hermes/Qwen3 layout (``<think>`` block, then
-    ``<tool_call>`` blocks or the reply), None when it is malformed: the text the reward
-    reads, so its rules (released or strict) apply to calls parsed from any format:
-    ``-1 if (t := hermes_response(p)) is None else similarity_reward(t, reference, tools)``."""
-    if parsed.error is not None:
-        return None
-    body = render_hermes_calls(parsed.tool_calls) if parsed.tool_calls else parsed.reply
-    return f"<think>\n{parsed.reasoning or ''}\n</think>\n\n{body}<|im_end|>"
-
-
 # ---------------------------------------------------------------- the component
 
 @dataclass(frozen=True)

@@ -48,8 +48,6 @@ from .formats import (
     PYTHON_TAG,
     ToolCallFormat,
     get_format,
-    hermes_response,
-    split_end,
 )
 from .qwen3 import ParsedResponse
 
@@ -211,23 +209,6 @@ class ChatRenderer:
         if parsed.tool_calls:
             message["tool_calls"] = parsed.tool_calls
         return ParsedTurn(parsed.tool_calls or [], None, message)
-
-    def to_hermes(self, response: str, *, open_think: bool = False) -> str | None:
-        """The response as Qwen3 text, the one text STAR's reward rules read (None when it
-        does not parse in this format: -1). The Qwen3 format itself is returned as written,
-        so the released rules see exactly the generated text; another format is parsed and
-        its calls written as ``<tool_call>`` blocks (``formats.hermes_response``), keeping
-        whether the model ended its turn. ``open_think``: put ``<think>`` in front of a
-        response without one, as ``teacher_rollout.py`` does for a prompt that leaves the
-        opening to the model."""
-        if self.native:
-            return response
-        if open_think and self.think and qwen3.THINK_OPEN_TAG not in response:
-            response = qwen3.THINK_OPEN_TAG + response
-        text = hermes_response(self.parse(response))
-        if text is None:
-            return None
-        return text if split_end(response)[1] else text.removesuffix(qwen3.END_OF_TURN)
 
     # ------------------------------------------------------------ internals
     def qwen3_inputs(self, messages, tools):

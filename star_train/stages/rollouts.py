@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat.qwen3 import END_TOKENS
+from ..chat.qwen3 import END_TOKENS, THINK_OPEN_TAG
 from ..chat.templates import QWEN3, ChatRenderer
 from ..data.prompts import RLPrompt, load_prompts, prompts_fingerprint
 from ..data.records import load_records
@@ -138,11 +138,10 @@ def released_message(text: str, tools: list, renderer: ChatRenderer = QWEN3) -> 
     """The assistant message ``teacher_rollout.py`` keeps for a completion, or None when
     the completion is not format-valid. ``text``: the completion as decoded (a trailing
     end-of-turn token is dropped: the released text is decoded without special tokens).
-    In another chat format than Qwen3's the completion is first parsed in that format and
-    written as Qwen3 text (``ChatRenderer.to_hermes``), so the same rules keep it."""
-    text = renderer.to_hermes(text, open_think=True)
-    if text is None:
-        return None
+    In another chat format than Qwen3's the completion is parsed in that format (a think
+    block opened in front when it has none, as released) and the same rules keep it."""
+    if not renderer.native:
+        return _parsed_message(text, tools, renderer)
     try:
         parsed = released_parse(_without_end_token(text), open_think=True)
     except ValueError:
@@ -153,6 +152,17 @@ def released_message(text: str, tools: list, renderer: ChatRenderer = QWEN3) -> 
             "content": parsed.reply if not parsed.calls and parsed.reply else None,
             "tool_calls": parsed.calls or None,
             "reasoning_content": parsed.think or None}
+
+
+def _parsed_message(text: str, tools: list, renderer: ChatRenderer) -> dict | None:
+    if renderer.think and THINK_OPEN_TAG not in text:
+        text = THINK_OPEN_TAG + text
+    parsed = renderer.parse(text)
+    calls = parsed.tool_calls or []
+    if parsed.error is not None or not released_calls_valid(calls, released_tool_table(tools)):
+        return None
+    return {"role": "assistant", "content": parsed.reply if not calls and parsed.reply else None,
+            "tool_calls": calls or None, "reasoning_content": parsed.reasoning or None}
 
 
 def _dedupe_key(message: dict) -> str:
