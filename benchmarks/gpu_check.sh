@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine without network: GPU tests, then every benchmark
-# at a reduced set of shapes, in under 8 minutes on an H100.
+# at a reduced set of shapes, then training steps at the Qwen3-0.6B shape, in under
+# 9 minutes on an H100.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
 # Installs nothing from the network. Extra wheels (liger-kernel, cut-cross-entropy, veomni,
 # optionally matplotlib and its dependencies) are taken from ./.whl/ if present and
-# installed into a scratch folder on PYTHONPATH. Writes into OUTDIR (7 files):
+# installed into a scratch folder on PYTHONPATH. Writes into OUTDIR (9 files):
 #   gpu-check.json   every measurement with device, versions, date and command
 #   gpu-check.md     the markdown tables (ratios to naive and to the bare GEMMs)
 #   gpu-check_<op>.png  time and memory vs N per implementation (needs matplotlib;
 #                    otherwise regenerate on any machine: python -m benchmarks.report OUTDIR/gpu-check.json)
 #   roofline-model.{json,md}  the roofline model's prediction for the CKD shape (a model)
 #   log.txt          environment, pytest output, benchmark progress
-# Knobs (environment): BENCH_BUDGET_S (seconds for the benchmarks, default 330),
+#   train-steps-qwen3-0.6b.{json,md}  CKD and Sim-RL steps at the Qwen3-0.6B shape: peak memory, tokens/s
+# Knobs (environment): BENCH_BUDGET_S (seconds for the benchmarks, default 270),
+# TRAIN_TIMEOUT_S (the training steps, default 150),
 # TEST_TIMEOUT_S (pytest, default 150), BENCH_ARGS (extra arguments for python -m benchmarks),
 # BENCH_SKIP (rows to skip, default the CPU-only FKL rows star_torch_fkl,star_cpp_fkl).
 set -uo pipefail
@@ -25,7 +28,8 @@ OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/log.txt"
 PY=${PYTHON:-python}
 START=$(date +%s)
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-330}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-270}
+TRAIN_TIMEOUT_S=${TRAIN_TIMEOUT_S:-150}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
 : > "$LOG"
 say() { echo "== $* ($(( $(date +%s) - START )) s)" | tee -a "$LOG"; }
@@ -77,4 +81,10 @@ if [ $rc -ne 0 ] && [ -f "$OUT/gpu-check.json" ]; then
     # Killed part-way: render what was written so far.
     $PY -m benchmarks.report "$OUT/gpu-check.json" --out "$OUT" >> "$LOG" 2>&1
 fi
+
+say "training steps at the Qwen3-0.6B shape (random weights, bf16, checkpointing, packed; timeout ${TRAIN_TIMEOUT_S}s)"
+# CKD stage steps and the Sim-RL update pass: peak memory and tokens/s beside the arithmetic.
+timeout "$TRAIN_TIMEOUT_S" $PY -m benchmarks.train_steps --shape qwen3-0.6b --device cuda \
+    --out "$OUT" >> "$LOG" 2>&1
+say "training steps exit code $?"
 say "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
