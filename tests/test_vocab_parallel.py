@@ -53,6 +53,17 @@ CASES = {
                                   knobs=dict(temperature=0.8, return_entropy=True)),
     "logprobs_chunks": dict(op="logprobs", problem="tied",
                             knobs=dict(memory_budget=3 * 500 * 16)),
+    # Other dtypes, on integer logits (exact in fp32 and bf16, so ties stay ties): outputs
+    # in fp32, each gradient in its input's dtype. bf16 hidden with an fp32 weight runs the
+    # GEMMs in bf16, and the ranks' bf16 partial hidden gradients are summed in bf16: where
+    # they cancel, the error is an ulp of the partials (5e-3 seen on |grad| up to 10), not
+    # of the sum; hence the absolute tolerance.
+    "tied_fp32": dict(op="ckd", problem="tied", mask=True, dtypes=("float32", "float32"),
+                      tol=(1e-5, 1e-6), knobs=dict(student_topm=37, kd_type="akl")),
+    "tied_bf16_hidden": dict(op="ckd", problem="tied", dtypes=("bfloat16", "float32"),
+                             tol=(2e-2, 2e-2), knobs=dict(student_topm=37)),
+    "logprobs_bf16_hidden": dict(op="logprobs", problem="tied", dtypes=("bfloat16", "float32"),
+                                 tol=(2e-2, 2e-2), knobs=dict(return_entropy=True)),
     "grpo_token_mean": dict(op="grpo", problem="random",
                             knobs=dict(kl_coef=0.1, loss_agg="token_mean")),
     "grpo_seq_mean_on_policy": dict(op="grpo", problem="random", bias=True, on_policy=True,
@@ -109,8 +120,9 @@ def evaluate(case: dict, fn, weight, bias) -> dict:
     case's problem with ``weight`` / ``bias`` (a slice or the full tensors); outputs and
     the gradients of hidden, weight (and bias) for a fixed upstream gradient."""
     p = problem(case["problem"])
-    hidden = p["hidden"].clone().requires_grad_()
-    leaves = [hidden, weight.clone().requires_grad_()]
+    h_dtype, w_dtype = (getattr(torch, d) for d in case.get("dtypes", ("float64", "float64")))
+    hidden = p["hidden"].to(h_dtype).requires_grad_()
+    leaves = [hidden, weight.to(w_dtype).requires_grad_()]
     b = None
     if case.get("bias"):
         b = bias.clone().requires_grad_()
@@ -132,7 +144,8 @@ def evaluate(case: dict, fn, weight, bias) -> dict:
         outs += [diagnostics[k] for k in ("clip_fraction", "mean_kl", "mean_ratio", "logprobs")]
     g = torch.Generator().manual_seed(7)
     diff = [o for o in outs if o.requires_grad]
-    ups = [torch.randn(o.shape, generator=g, dtype=o.dtype) + 0.5 for o in diff]
+    ups = [(torch.randn(o.shape, generator=g, dtype=torch.float64) + 0.5).to(o.dtype)
+           for o in diff]
     grads = torch.autograd.grad(diff, leaves, ups)
     return {"outs": [o.detach() for o in outs], "grads": [x.detach() for x in grads]}
 
@@ -279,16 +292,20 @@ REFERENCE = {"ckd": reference.fused_linear_ckd_loss, "logprobs": reference.fused
 def test_equals_single_process_and_reference(ranks, name, against):
     world, results = ranks
     case = CASES[name]
+    if "dtypes" in case and against == "reference":
+        pytest.skip("the fp64 reference takes fp64 inputs; this case checks other dtypes")
     got = combined(case, [res[name] for res in results])
+    rtol, atol = case.get("tol", (1e-10, 1e-10))
     fn = (SINGLE if against == "single_process" else REFERENCE)[case["op"]]
     want = expected(case, fn)
     labels = {"ckd": ["loss"], "logprobs": ["logp", "entropy"],
               "grpo": ["loss", "clip_fraction", "mean_kl", "mean_ratio", "logprobs"]}[case["op"]]
     for what, a, b in zip(labels, got["outs"], want["outs"]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{world} ranks: {what}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, what=what: f"{world} ranks, {what}: {m}")
     for what, a, b in zip(["grad hidden", "grad weight", "grad bias"], got["grads"],
                           want["grads"]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{world} ranks: {what}")
+        assert a.dtype == b.dtype, what
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, what=what: f"{world} ranks, {what}: {m}")
 
 
 @pytest.mark.parametrize("world", [2, 3])
