@@ -104,7 +104,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("fsdp"))
+    # What each rank would otherwise import on first use, once in the fork server.
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("fsdp"),
+                     preload=["torch.distributed.fsdp", "torch.distributed.tensor",
+                              "transformers.models.qwen3.modeling_qwen3"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -225,9 +225,11 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
         dist.destroy_process_group()
 
 
-def run_ranks(worker, world: int, tmp_path, timeout=TIMEOUT_S) -> list:
+def run_ranks(worker, world: int, tmp_path, timeout=TIMEOUT_S, preload=()) -> list:
     """Spawn ``world`` gloo processes running ``worker(rank, world, store, out_dir)`` and
-    load each rank's saved results; a failing rank's traceback fails the test."""
+    load each rank's saved results; a failing rank's traceback fails the test. ``preload``:
+    more modules for the fork server to import once (it starts once per pytest process,
+    with the first caller's list; later callers' ranks import the rest themselves)."""
     out_dir = tmp_path / f"world{world}"
     out_dir.mkdir()
     # forkserver: one server process imports torch and this module once, and every rank
@@ -235,7 +237,7 @@ def run_ranks(worker, world: int, tmp_path, timeout=TIMEOUT_S) -> list:
     # would import torch again in every rank, several seconds each on a loaded CPU. The
     # second module is what torch.autograd.grad imports on first use (sympy, ~2 s).
     mp.get_context("forkserver").set_forkserver_preload(
-        [worker.__module__, "torch.fx.experimental.symbolic_shapes"])
+        [worker.__module__, "torch.fx.experimental.symbolic_shapes", *preload])
     ctx = mp.start_processes(worker, args=(world, str(out_dir / "store"), str(out_dir)),
                              nprocs=world, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
