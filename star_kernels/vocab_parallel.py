@@ -4,8 +4,10 @@ Each rank of a process group holds a contiguous slice of the vocabulary rows of 
 lm_head weight (``[V_r, H]``; the slices need not be equal, so ``V`` need not divide by
 the world size) and the same hidden states and targets. Rank ``r``'s slice starts where
 rank ``r - 1``'s ends: the offsets follow from each rank's ``weight.shape[0]``, gathered
-once per call (which also checks that the ranks agree on the token count and shapes).
-:func:`vocab_shard_range` gives the usual even split.
+once per call and read on the host (so these ops are not for CUDA graph capture). The
+same all-gather checks that the ranks agree on the token count, shapes, dtypes and knobs,
+and makes every rank raise when one rank's own slice is wrong, instead of leaving the
+others waiting in a collective. :func:`vocab_shard_range` gives the usual even split.
 
 Per chunk of rows, each rank computes its ``[chunk, V_r]`` logits only, and the row
 statistics are combined across ranks:
@@ -28,9 +30,12 @@ weight (and bias) slice, and the gradient of ``hidden`` already summed over the 
 targets and knobs, and must backpropagate the same upstream gradient (compute the same
 loss from the outputs on every rank), as with Megatron's vocab-parallel cross-entropy.
 
-The row math runs in plain PyTorch (the chunked "torch" path) on any device; the
-per-chunk transient memory is one ``[chunk, V_r]`` block plus its workspace, never
-``[N, V_r]``. Collectives use ``torch.distributed`` (gloo on CPU, NCCL on CUDA).
+The row math runs in plain PyTorch (the chunked "torch" path) on any device, so there is
+no ``backend`` argument; the per-chunk transient memory is one ``[chunk, V_r]`` block plus
+its workspace, never ``[N, V_r]``. Collectives use ``torch.distributed`` (gloo on CPU,
+NCCL on CUDA). With 16-bit compute (autocast, bf16 inputs) each rank's partial
+``grad_hidden`` is in that dtype and summed in it, as tensor-parallel layers usually do:
+where the partials cancel, the error is a 16-bit rounding of the partials, not of the sum.
 """
 
 from __future__ import annotations
@@ -163,7 +168,9 @@ def _common_agreement(hidden, bias) -> dict:
 
 
 def _dtypes(*tensors):
-    return tuple(getattr(t, "dtype", None) for t in tensors)
+    """Dtypes and whether a gradient is wanted: both set which collectives run."""
+    return tuple((getattr(t, "dtype", None), getattr(t, "requires_grad", None))
+                 for t in tensors)
 
 
 def _full_weight_stand_in(weight, vocab):
