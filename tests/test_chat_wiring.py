@@ -16,7 +16,7 @@ from star_train.eval import bfcl, chat_format
 from star_train.eval.command import tokenizer_choice
 from star_train.reward import similarity_reward
 from star_train.runtime.config import ConfigError, ModelSpec, from_dict
-from star_train.runtime.models import model_renderer
+from star_train.runtime.models import load_tokenizer, model_renderer
 from star_train.stages.rollouts import RolloutRunConfig
 
 ASSETS = Path(__file__).resolve().parents[1] / "star_train" / "assets" / "xlam_sample.jsonl"
@@ -189,6 +189,8 @@ def test_eval_tokenizer_choice(tmp_path):
     assert tokenizer_choice(str(tmp_path / "own"), "auto") == "model"
     assert tokenizer_choice(str(tmp_path / "m.gguf"), "auto") == "model"  # a GGUF holds its own
     assert tokenizer_choice(str(tmp_path / "own"), "qwen3") == "qwen3"
+    # The stages' rule is the same: a folder without tokenizer files gets the offline Qwen3 one.
+    assert len(load_tokenizer(str(tmp_path / "bare"))) == 151_669
 
 
 def test_eval_command_names_a_bad_option(tiny_qwen3_folder, capsys):
@@ -199,6 +201,9 @@ def test_eval_command_names_a_bad_option(tiny_qwen3_folder, capsys):
                      "--device", "cpu"]) == 2
     assert "--chat-template: 'model' needs a tokenizer whose chat template reads tools" in \
         capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(tiny_qwen3_folder), "--categories", "simple",
+                     "--tokenizer", "model", "--device", "cpu"]) == 2
+    assert "--tokenizer model: " in capsys.readouterr().err
 
 
 @pytest.fixture

