@@ -52,11 +52,13 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: 
             eos_id=tokenizer.convert_tokens_to_ids(renderer.end_token),
             pad_id=tokenizer.pad_token_id, autocast=autocast)
         rules = {} if reward_rules is None else {"rules": reward_rules}
+        if not renderer.native:  # the Qwen3 format is scored as written (no fmt needed)
+            rules["fmt"] = renderer
         for prompt, completions in zip(members, sampled):
             texts = [prefix + tokenizer.decode(c.tolist(), skip_special_tokens=False)
                      for c in completions]
-            rewards = [float(similarity_reward(t, prompt.reference, prompt.tools, fmt=renderer,
-                                               **rules)) for t in texts]
+            rewards = [float(similarity_reward(t, prompt.reference, prompt.tools, **rules))
+                       for t in texts]
             out.append(ScoredSamples(prompt, completions, texts, rewards))
         bar.update(len(members))
     if progress is None:
