@@ -42,6 +42,8 @@ trunk runs under it too. :class:`CKDTrainerMixin` enters the Trainer's autocast
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 from contextlib import nullcontext
 from typing import ClassVar
@@ -111,10 +113,44 @@ def hidden_states(model, input_ids, attention_mask=None, **trunk_kwargs):
     position ``t`` predicts token ``t + 1``.
     """
     trunk, head = decoder_and_head(model)
+    _check_unsharded(model)
     trunk_kwargs.setdefault("use_cache", False)
     out = trunk(input_ids=input_ids, attention_mask=attention_mask, **trunk_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden, gathered(head.weight), gathered(head.bias)
+
+
+# Set while a patched forward (star_kernels.patching) computes the fused loss: under FSDP2
+# the root module's hooks have run then (parameters unsharded, gradients reduce-scattered).
+_IN_MODEL_FORWARD = contextvars.ContextVar("star_kernels_in_model_forward", default=False)
+
+
+@contextlib.contextmanager
+def inside_model_forward():
+    """Marks the fused path of a patched ``forward`` (used by :mod:`star_kernels.patching`)."""
+    token = _IN_MODEL_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _IN_MODEL_FORWARD.reset(token)
+
+
+def _check_unsharded(model):
+    """Refuse an FSDP2 root module outside its own forward: its parameters may be sharded
+    (the trunk would fail deep inside with "mixed torch.Tensor and DTensor"), or, after a
+    forward, unsharded but without FSDP's hooks, so gradients would reach the unsharded
+    parameters and never be reduce-scattered across the ranks."""
+    if "torch.distributed.fsdp" not in sys.modules or _IN_MODEL_FORWARD.get():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        raise RuntimeError(
+            f"{type(model).__name__} is FSDP2-sharded (fully_shard): compute the fused loss "
+            "inside its forward, where FSDP unshards the parameters and reduces the "
+            "gradients, with star_kernels.patching (patch_model(model) before fully_shard, "
+            "then model(input_ids, attention_mask, teacher_ids=..., teacher_logprobs=...) or "
+            "model(..., fused_logprobs=True))")
 
 
 def gathered(param: torch.Tensor | None) -> torch.Tensor | None:

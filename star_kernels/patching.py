@@ -121,7 +121,8 @@ def _make_forward(original_unbound):
             if extra:
                 raise ValueError(f"{extra} given without teacher_ids or fused_logprobs=True")
             return original_unbound(self, *args, **kwargs)
-        return _fused_forward(self, args, kwargs, fused)
+        with hf.inside_model_forward():  # lets the helpers tell FSDP2's forward from outside
+            return _fused_forward(self, args, kwargs, fused)
 
     setattr(forward, _ORIGINAL, original_unbound)
     return forward

@@ -92,7 +92,15 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
                 logp = model(mine["input_ids"], mine["attention_mask"],
                              fused_logprobs=True).log_probs
                 params = {n: _full(p.detach()) for n, p in model.named_parameters()}
-            results[layout] = dict(sharded=sharded, loss=loss, logp=logp, params=params)
+            try:  # the helpers called outside the forward (parameters unsharded after the
+                # no-grad forward, but no FSDP hooks): refused, pointing at patching
+                hf.ckd_loss_from_model(model, mine["input_ids"], mine["attention_mask"],
+                                       mine["teacher_ids"], mine["teacher_logprobs"])
+                outside = None
+            except RuntimeError as err:
+                outside = str(err)
+            results[layout] = dict(sharded=sharded, loss=loss, logp=logp, params=params,
+                                   outside=outside)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
@@ -121,6 +129,7 @@ def test_fsdp2_step_equals_one_process(ranks, layout):
 
     res = [r[layout] for r in ranks]
     assert all(r["sharded"] for r in res), "lm_head.weight is a DTensor outside the forward"
+    assert all("star_kernels.patching" in (r["outside"] or "") for r in res), res[0]["outside"]
     # Each rank's loss is its token sum over half the global count: their mean is the loss.
     torch.testing.assert_close(sum(r["loss"] for r in res) / WORLD, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([r["logp"] for r in res]), logp, rtol=1e-5, atol=1e-5)
