@@ -102,8 +102,10 @@ class _Shard:
         owned = (local >= 0) & (local < self.rows)
         return torch.where(owned, local, 0), owned
 
-    def all_reduce(self, t, op=dist.ReduceOp.SUM):
-        dist.all_reduce(t, op=op, group=self.group)
+    def all_reduce(self, t, op=None):
+        """In place (a sum unless ``op``); returns ``t``. (No ReduceOp default: torch builds
+        without torch.distributed lack it, and importing star_kernels must not fail there.)"""
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         return t
 
     def all_gather(self, t):
