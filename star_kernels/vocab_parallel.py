@@ -249,8 +249,7 @@ def _ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg:
     sums = torch.cat([q.sum(1, keepdim=True), q_confident.sum(1, keepdim=True),
                       *(p.to(ctype) for p in parts)], 1)
     shard.all_reduce(sums)
-    sum_exp = sums[:, :1]
-    z_s, s_confident = sums[:, 2:2 + k], sums[:, 2 + k:2 + 2 * k] > 0.5
+    sum_exp, mass_m, z_s, in_m, z_label = sums.split([1, 1, k, k, sums.shape[1] - 2 - 2 * k], 1)
     q.div_(sum_exp)
     q_confident.div_(sum_exp)
     lse = row_max + sum_exp.log()
@@ -261,10 +260,10 @@ def _ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg:
     logq_s = z_s - lse
     q_s = torch.where(ranked, logq_s.exp(), 0.0)
     fkl = torch.where(ranked, p * (tlp - logq_s), 0.0).sum(1)
-    s_confident = s_confident & ranked
+    s_confident = (in_m > 0.5) & ranked
     if mix < 1.0:
-        ce = keep * (lse[:, 0] - sums[:, 2 + 2 * k])
-    mistake_mass = sums[:, 1] / sum_exp[:, 0] - (q_s * s_confident).sum(1)
+        ce = keep * (lse[:, 0] - z_label[:, 0])
+    mistake_mass = mass_m[:, 0] / sum_exp[:, 0] - (q_s * s_confident).sum(1)
     div, g_div = kd_divergence(cfg.kd_type, p, tlp, logq_s, q_s, ranked, fkl)
     loss = div + lam * mistake_mass
 
