@@ -218,3 +218,31 @@ def tiny_qwen3_folder(tmp_path):
     load_model(Spec(config=spec["config"], seed=spec["seed"]), torch.float32,
                torch.device("cpu")).save_pretrained(tmp_path / "model")
     return tmp_path / "model"
+
+
+# ---------------------------------------------------------------- a real tool-aware template
+
+QWEN3_JINJA = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen3_chat_template.jinja"
+
+
+@pytest.mark.skipif(not QWEN3_JINJA.is_file(), reason=f"shared data file missing: {QWEN3_JINJA}")
+def test_the_model_template_layout_through_transformers(tokenizer):
+    """The Qwen3 tokenizer given Qwen3's own chat template: ``auto`` keeps the Qwen3 layout
+    (the offline path), ``model`` renders through ``apply_chat_template`` (jinja), which is
+    the Qwen3 text with the tools in the OpenAI wrapping and no think block opened."""
+    import copy
+
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = QWEN3_JINJA.read_text(encoding="utf-8")
+    assert chat_renderer(templated).native  # auto: a Qwen3 template keeps the Qwen3 layout
+    model = chat_renderer(templated, template="model")
+    assert (model.layout, model.fmt, model.name) == ("model-template", HERMES, "model/hermes")
+    record = next(r for r in load_records(ASSETS) if r["messages"][-1].get("tool_calls"))
+    messages, tools = record["messages"], record["tools"]
+    prompt, target = model.example(record)
+    assert prompt == qwen3.render_prompt(messages[:-1], tools, tool_style="openai")
+    assert prompt + target == qwen3.render_chat(messages, tools, tool_style="openai")
+    # What the model writes after that prompt is read without a think block opened for it.
+    completion = target.removesuffix("\n")
+    assert model.parse_completion(completion).tool_calls == messages[-1]["tool_calls"]
+    assert similarity_reward(model.full_response(completion), messages[-1], tools, fmt=model) == 1.0

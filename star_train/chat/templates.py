@@ -17,7 +17,8 @@ choices, the model config's ``chat_template`` and ``tool_format`` keys
     think block already closed), for models that do not think.
   * ``"model"``: the tokenizer's own chat template, which must read ``tools``: the text
     is ``tokenizer.apply_chat_template(messages, tools=...)`` (tools and calls handed over
-    in the OpenAI shape every tool template reads). No think block is added.
+    in the OpenAI shape every tool template reads). No think block is added; when the
+    template writes think blocks, a response must hold one, opened by the model.
   * ``"auto"`` (the default): ``"model"`` when the tokenizer's template handles tools and
     is not Qwen3's own (a Qwen3 template, recognised by ``<tool_call>`` and ``<think>``,
     gets the ``"qwen3"`` layout: the same text, and STAR's prompt ends inside the think
@@ -103,46 +104,51 @@ class ChatRenderer:
     fmt: ToolCallFormat
     layout: str                 # "qwen3-layout" or "model-template"
     tokenizer: Any = None       # the model-template layout renders with it
-    thinking: bool = True       # qwen3-layout: False = Qwen3's enable_thinking=False prompt
+    # qwen3-layout: the prompt opens the think block (False: Qwen3's enable_thinking=False
+    # prompt, an empty one closed); model-template: the template writes think blocks, so a
+    # response has one, which the model opens itself
+    thinking: bool = True
 
     # ------------------------------------------------------------ what it is
     @property
     def name(self) -> str:
         """``"qwen3"`` / ``"qwen3-no-think"`` for the Qwen3 format itself (the names BFCL
         results files have always recorded), else ``"<template>/<tool format>"``."""
-        template = ("qwen3" if self.thinking else "qwen3-no-think") if self.think else "model"
+        if self.layout == "model-template":
+            return f"model/{self.fmt.name}"
+        template = "qwen3" if self.thinking else "qwen3-no-think"
         return template if self.native else f"{template}/{self.fmt.name}"
 
     @property
     def think(self) -> bool:
-        """Whether a response holds a think block (the Qwen3 layouts; without thinking the
-        prompt holds an empty one)."""
-        return self.layout == "qwen3-layout"
+        """Whether a response holds a think block: always in the Qwen3 layouts (without
+        thinking the prompt holds an empty one), in a model template's when it writes them."""
+        return self.layout == "qwen3-layout" or self.thinking
 
     @property
     def native(self) -> bool:
         """The Qwen3 format itself (Hermes calls in the Qwen3 layout): responses are scored
         by the reward exactly as written, as the released code scores them."""
-        return self.think and self.fmt is HERMES
+        return self.layout == "qwen3-layout" and self.fmt is HERMES
 
     @property
     def response_prefix(self) -> str:
         """What the prompt already holds of the response."""
-        if not self.think:
+        if self.layout == "model-template":
             return ""
         return qwen3.THINK_OPEN if self.thinking else EMPTY_THINK
 
     @property
     def end_token(self) -> str:
         """The token that ends the model's turn (generation stops there)."""
-        if self.think:
+        if self.layout == "qwen3-layout":
             return qwen3.END_OF_TURN
         return self.tokenizer.eos_token
 
     @property
     def stop_tokens(self) -> tuple:
         """Tokens that end a completion (a generator skips those its tokenizer lacks)."""
-        if self.think:
+        if self.layout == "qwen3-layout":
             return qwen3.END_TOKENS
         return tuple(dict.fromkeys((self.tokenizer.eos_token, *LLAMA_END_TOKENS, *qwen3.END_TOKENS)))
 
@@ -178,7 +184,9 @@ class ChatRenderer:
     def render_answer(self, calls: list | None, reply: str = "", reasoning: str = "") -> str:
         """A completion (what follows the prompt) making ``calls`` or replying ``reply``."""
         body = self.fmt.render_calls(calls) if calls else reply
-        if self.think and self.thinking:
+        if self.layout == "model-template" and self.thinking:
+            return qwen3.THINK_OPEN + reasoning + "\n</think>\n\n" + body  # opened by the model
+        if self.layout == "qwen3-layout" and self.thinking:
             return reasoning + "\n</think>\n\n" + body
         return body
 
@@ -260,4 +268,6 @@ def chat_renderer(tokenizer=None, fmt=None, *, template: str = "auto") -> ChatRe
         raise ValueError(f"tool_format: {fmt.name!r}, but the model's chat template writes "
                          f"{own.name} calls; leave tool_format 'auto' or set chat_template = "
                          "'qwen3' to render that format as text")
-    return ChatRenderer(fmt or own, "model-template", tokenizer)
+    # A template that writes think blocks (Qwen3's) has the model open its own.
+    return ChatRenderer(fmt or own, "model-template", tokenizer,
+                        thinking=qwen3.THINK_OPEN_TAG in tokenizer.chat_template)

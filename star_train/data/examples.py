@@ -56,7 +56,7 @@ def released_pair(record: dict, add_reasoning: bool = False,
     record = validate_record(record)
     messages, tools = record["messages"], record["tools"]
     if renderer is not None:
-        if not (renderer.think and renderer.thinking):
+        if not (renderer.layout == "qwen3-layout" and renderer.thinking):
             raise ValueError(f"data.format: 'released' is the released Qwen3 layout's pair; the "
                              f"chat format {renderer.name!r} has no think block to open there "
                              "(use data.format 'template')")
