@@ -87,6 +87,9 @@ class TrainConfig:
     # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa (see speedups)
     attn_implementation: str = setting("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
     liger_kernels: bool = False  # Liger's RMSNorm/SwiGLU/RoPE on the trunk (CUDA; our fused head stays)
+    # under torchrun: ddp = every rank holds the whole model, gradients all-reduced once per
+    # step; fsdp2 = the student sharded with fully_shard (for one that does not fit a device)
+    data_parallel: str = setting("ddp", choices=("ddp", "fsdp2"))
 
     def checks(self) -> list:
         """What ``setting`` ranges cannot say, for the stages' ``validate``."""

@@ -26,7 +26,13 @@ the rest, the same for every stage:
   ``world_size``-th micro-batch of the step's plan, the gradients are summed over the
   ranks once per step, rank 0 writes the log, checkpoints and ``final/``. Checkpoints
   hold the same full state whatever the world size, so a run resumes on any number of
-  processes.
+  processes. With ``train.data_parallel = "fsdp2"`` the student is sharded with FSDP2
+  after gradient checkpointing is enabled (``distributed.shard_model``); every rank then
+  runs the same number of micro-batches (the short ones repeat one at loss scale 0, since
+  FSDP2's collectives run in every forward/backward), the scales are multiplied by the
+  world size (FSDP2 averages the gradients over the ranks), the gradients are clipped by
+  their global norm, and checkpoints and ``final/`` are gathered into the unsharded format
+  for rank 0 to write, so a run resumes on any world size in either mode.
 """
 
 from __future__ import annotations
@@ -141,8 +147,22 @@ class Trainer:
         if train.liger_kernels:
             speedups.apply_liger_trunk(self.model, self.device, self.log)
         self.model.train()
-        if gradient_checkpointing:
+        if gradient_checkpointing:  # before sharding: fully_shard wraps the layers' forwards
             enable_gradient_checkpointing(self.model)
+        # FSDP2: the optimizer (built in fit) then holds the shards, whose ndim is the full
+        # parameter's (a DTensor reports the global shape), so the no-decay rule is unchanged.
+        self.sharded = train.data_parallel == "fsdp2" and self.world.enabled
+        if self.sharded and role != "student":
+            # Sim-RL samples its rollouts from this model, a different number of forwards
+            # on each rank (their own prompts and lengths), while FSDP2's all-gathers need
+            # every rank in every forward; it also deep-copies the model as its reference.
+            raise ValueError(f"train.data_parallel = fsdp2 trains a CKD student only, not a "
+                             f"{role} (use ddp)")
+        if self.sharded:
+            distributed.shard_model(self.model)
+        elif train.data_parallel == "fsdp2":
+            self.log("train.data_parallel = fsdp2 in a world of one process: training the "
+                     "unsharded model")
 
     def autocast(self):
         """A fresh mixed-precision context for this run's device and compute dtype."""
@@ -209,9 +229,11 @@ class Trainer:
             self.log("no step updated the model, so no final/ model was written")
             return summary
         final = self.out / "final"
+        full = distributed.full_model_state(model, keep=main) if self.sharded else None
         if main:
-            model.save_pretrained(final)
+            model.save_pretrained(final, **({} if full is None else {"state_dict": full}))
             self.tokenizer.save_pretrained(final)
+        del full
         self.world.barrier()  # final/ is complete before any rank returns its path
         self.log(f"saved the trained model to {final}")
         return {**summary, "model_dir": str(final)}
@@ -241,24 +263,22 @@ class Trainer:
         self.model.train()  # a stage may have sampled from it in eval mode
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        # The scales are the whole step's, so the ranks' gradients add up to one process's.
-        share = self.world.share(list(zip(plan.micro_batches, self._loss_scales(plan))))
-        for micro_batch, scale in share:
+        for micro_batch, scale, weight in self._share(plan):
             with self.autocast():
                 loss, stats = stage.micro_loss(self.model, micro_batch)
             (loss * scale).backward()
             for key, value in {"loss": loss.item(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * scale * plan.num_tokens
+                sums[key] = sums.get(key, 0.0) + float(value) * weight * plan.num_tokens
         record = {**plan.record, "tokens": plan.num_tokens, "updated": bool(plan.micro_batches)}
         if record["updated"]:
             if self.world.enabled:
-                self.world.sum_gradients(self.model.parameters())
+                if not self.sharded:  # FSDP2 reduce-scattered them in each backward
+                    self.world.sum_gradients(self.model.parameters())
                 # Every rank must hold every stat key (a rank with no micro-batch has none).
                 keys = sorted({"loss", *(k for p in self.world.all_gather(sorted(sums)) for k in p)})
                 sums = dict(zip(keys, self.world.sum([sums.get(k, 0.0) for k in keys])))
             record.update({key: value / plan.num_tokens for key, value in sums.items()})
-            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.train.max_grad_norm))
+            record["grad_norm"] = self._clip_gradients()
             self.optimizer.step()
         else:
             record.setdefault("loss", None)
@@ -267,6 +287,44 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         return record
+
+    def _share(self, plan: StepPlan) -> list[tuple]:
+        """This rank's ``(micro_batch, gradient scale, stat weight)`` of the plan.
+
+        The scales are the whole step's, so the ranks' gradients add up to one process's.
+        With FSDP2 two things change. Its collectives (the all-gather of each unit in
+        forward and backward, the reduce-scatter of its gradients, the gathered lm_head)
+        run per forward/backward and need every rank to join: a rank with fewer
+        micro-batches would leave the others waiting forever. So every rank runs
+        ``ceil(count / world_size)`` of them, the short ones repeating one micro-batch (any
+        of the plan's for a rank without one) with scale 0, which adds exactly nothing to
+        the gradients and the stats. And FSDP2 averages the gradients over the ranks
+        (reduce-scatter with avg, and the gathered head's ``Partial("avg")``): the scale is
+        multiplied by ``world_size`` so that the average is the sum one process computes.
+        The gradients are reduce-scattered after every micro-batch (FSDP2's default),
+        rather than accumulated unsharded with ``set_requires_gradient_sync(False)``, so a
+        rank never holds more than its shard of the gradients between micro-batches.
+        """
+        scales = self._loss_scales(plan)
+        share = [(mb, s, s) for mb, s in self.world.share(list(zip(plan.micro_batches, scales)))]
+        if not self.sharded or not plan.micro_batches:
+            return share
+        size = self.world.world_size
+        count = -(-len(plan.micro_batches) // size)
+        filler = share[0][0] if share else plan.micro_batches[0]
+        return [(mb, s * size, w) for mb, s, w in share] + [(filler, 0.0, 0.0)] * (count - len(share))
+
+    def _clip_gradients(self) -> float:
+        """Clip the gradients to ``train.max_grad_norm``; their norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not self.sharded:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.train.max_grad_norm))
+        # DTensor gradients: each rank's norm is of its shards (a Partial placement); the
+        # full tensor is the norm of the whole gradient (a collective), which clips all.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        torch.nn.utils.clip_grads_with_norm_(params, self.train.max_grad_norm, norm)
+        return float(norm)
 
     def _loss_scales(self, plan: StepPlan) -> list[float]:
         """What each micro-batch's token-summed loss is multiplied by. ``step_tokens``: the
@@ -299,11 +357,18 @@ class Trainer:
         return line
 
     def _save(self, root, step, updates, stage):
-        # The ranks hold identical weights and optimizer states: rank 0's are the run's.
+        # DDP: the ranks hold identical weights and optimizer states, rank 0's are the
+        # run's. FSDP2: every rank joins in gathering the full states, rank 0 writes them.
+        full = {}
+        if self.sharded:
+            keep = self.world.is_main
+            full = {"model_state": distributed.full_model_state(self.model, keep),
+                    "optimizer_state": distributed.full_optimizer_state(self.optimizer, keep)}
         if self.world.is_main:
             save_checkpoint(root, step, self.model, self.optimizer, self.scheduler,
                             {**stage.state(), "updates": updates, "run": stage.run_key},
-                            keep=self.train.keep_checkpoints)
+                            keep=self.train.keep_checkpoints, **full)
+        del full
         self.world.barrier()
 
 
