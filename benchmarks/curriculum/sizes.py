@@ -37,7 +37,7 @@ SIZES = {
         "heldout_rows": 32,                 # last rows of the file (never trained on)
         "max_length": 768,
         "student_layers": [0, 1, 2, 3, 27, 28, 29],   # kept layers of SmolLM2's 30
-        "teacher_sft": {"lr": 1e-4, "batch_size": 8, "epochs": 2},
+        "teacher_sft": {"lr": 1e-4, "batch_size": 8, "epochs": 1},
         "student_sft": {"lr": 3e-4, "batch_size": 8, "epochs": 4},
         "ckd": {"lr": 3e-4, "batch_size": 8, "epochs": 4, "k": 100, "tail_coef": 10.0,
                 "student_topm": 100},
