@@ -177,3 +177,24 @@ def test_smollm2_bf16_rows(smollm_bf16, backend):
     m_set.scatter_(1, order, True)
     extra = 10.0 * (inclusive_extra * ~m_set).sum(1)
     assert (extra[tied] > 1e-4).any()
+
+
+@pytest.mark.parametrize("every_row", [False, True], ids=["cpu-rows-with-ties", "every-row"])
+def test_torch_top_m_mask_both_paths(every_row, monkeypatch):
+    """The torch backend's mask: on the CPU only rows whose (m+1)-th value ties the m-th
+    are trimmed; elsewhere (accelerators, torch.compile) every row is. Both equal the
+    Python sort's first m ids, on rows with and without ties, m = 1 to m = V."""
+    from star_kernels import _torch_rows
+
+    if every_row:  # the accelerator path, run on the CPU
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    g = torch.Generator().manual_seed(3)
+    v = 257
+    z = torch.randint(-3, 4, (11, v), generator=g).float()
+    z[::3] = torch.randn(z[::3].shape, generator=g)  # rows without ties
+    z[1] = 0.0  # one value throughout
+    for m in (1, 7, 100, v):
+        mask = _torch_rows.top_m_mask(z.clone(), m)
+        for r in range(z.shape[0]):
+            order = sorted(range(v), key=lambda i: (-float(z[r, i]), i))[:m]
+            assert mask[r].nonzero()[:, 0].tolist() == sorted(order), (m, r)
