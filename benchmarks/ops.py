@@ -335,13 +335,16 @@ class Star(Impl):
             return f"not available: {exc}"
         return None
 
+    kd_type = "fkl"
+
     def forward(self):
         import star_kernels as sk
         i, op, b = self.inputs, self.case.op, self.backend
         if op == "ckd":
             return sk.fused_linear_ckd_loss(i["hidden"], i["weight"], i["teacher_ids"],
                                             i["teacher_logprobs"], tail_coef=TAIL_COEF,
-                                            student_topm=self.case.k, backend=b)
+                                            student_topm=self.case.k, backend=b,
+                                            kd_type=self.kd_type)
         if op == "topk":
             return sk.fused_linear_topk_logprobs(i["hidden"], i["weight"], self.case.k,
                                                  backend=b)
@@ -369,6 +372,19 @@ def _star(backend):
 
 
 StarTorch, StarCpp, StarTriton = _star("torch"), _star("cpp"), _star("triton")
+
+
+def _star_kd(backend, kd_type):
+    """The CKD op with another divergence on the teacher's entries (issue 12): compare
+    with the ``star_{backend}`` row (fkl) of the same run."""
+    return type(f"Star_{backend}_{kd_type}", (Star,), {
+        "id": f"star_{backend}_{kd_type}", "label": f"star_kernels [{backend}] {kd_type}",
+        "backend": backend, "kd_type": kd_type, "ops": ("ckd",),
+        "note": f"the CKD op with kd_type={kd_type!r} (+ {TAIL_COEF:g} x confident-error "
+                "mass, as the fkl rows)"})
+
+
+STAR_KD_TYPES = [_star_kd(b, t) for b in ("torch", "cpp", "triton") for t in ("rkl", "akl")]
 
 
 class _Liger(Impl):
@@ -533,7 +549,7 @@ class Floor(Impl):
 
 
 ALL_IMPLS = [Naive, Compiled, ChunkedCompiled, StarTorch, StarCpp, StarTriton,
-             LigerFLCE, LigerJSD, LigerGRPO, TorchLCE, CCE, Floor]
+             *STAR_KD_TYPES, LigerFLCE, LigerJSD, LigerGRPO, TorchLCE, CCE, Floor]
 IMPLS = {cls.id: cls for cls in ALL_IMPLS}
 
 

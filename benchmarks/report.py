@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import ops
+from . import ops, peers  # noqa: F401 - peers registers its rows into ops
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -57,16 +57,21 @@ def _without_time(lines):
             for line in lines]
 
 
-def test_op_kl_step_matches_a_full_logits_computation(make_config, tokenizer, monkeypatch):
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_op_kl_step_matches_a_full_logits_computation(make_config, tokenizer, monkeypatch,
+                                                      estimator):
     """Fake rewards (module docstring). One on-policy step with a teacher of other weights:
     the recorded teacher log-probs, the logged op_kl, loss and pre-clip gradient norm
     against autograd through the fp64 objective: token mean over the step of
-    -min(r A, clip(r) A) + 1e-3 k2(pi, pi_ref) + 0.5 k2(pi, pi_teacher). The k2 clamp is
-    exercised: the policy's <|im_end|> log-prob is ~-2.3, the random teacher's ~-12."""
+    -min(r A, clip(r) A) + 1e-3 k2(pi, pi_ref) + 0.5 k(pi, pi_teacher). k2 (the default)
+    exercises the clamp: the policy's <|im_end|> log-prob is ~-2.3, the random teacher's
+    ~-12; k3 is not symmetric, so it checks which log-prob is whose."""
     monkeypatch.setattr(sampling, "similarity_reward", fake_reward)
-    cfg = make_config(rollout={"max_sampling_rounds": 3}, teacher=OTHER_TEACHER,
-                      grpo={"op_kl_coef": 0.5}, train={"max_steps": 1})
-    assert cfg.grpo.op_kl_estimator == "k2"  # the released scripts' --kl_estimator
+    grpo = {"op_kl_coef": 0.5} if estimator == "k2" else {"op_kl_coef": 0.5,
+                                                          "op_kl_estimator": estimator}
+    cfg = make_config(rollout={"max_sampling_rounds": 3}, teacher=OTHER_TEACHER, grpo=grpo,
+                      train={"max_steps": 1})
+    assert cfg.grpo.op_kl_estimator == estimator  # default k2: the released --kl_estimator
     _, reports = _run(cfg, tokenizer)
     logged = log_lines(cfg.train.out_dir)[0]
     policy = load_model(cfg.policy.model, torch.float64, CPU)
@@ -84,14 +89,14 @@ def test_op_kl_step_matches_a_full_logits_computation(make_config, tokenizer, mo
             torch.testing.assert_close(recorded.double(), target, atol=2e-5, rtol=0)
             ratio = torch.exp(logp - logp.detach())
             surrogate = torch.minimum(ratio * advantage, ratio.clamp(0.8, 1.2) * advantage)
-            op_kl = _kl_estimate(logp, target, "k2")
+            op_kl = _kl_estimate(logp, target, estimator)
             # reference = the initial policy = this policy: its k2 term is 0 with gradient 0
             terms = terms + (-surrogate + 0.5 * op_kl).sum()
             op_kl_sum += op_kl.sum().item()
             clamped += int((op_kl == 10).sum())
             count += len(completion)
     loss = terms / count
-    assert clamped and op_kl_sum / count > 1e-3  # the clamp and the term really act
+    assert op_kl_sum / count > 1e-3 and bool(clamped) == (estimator == "k2")
     assert logged["op_kl"] == pytest.approx(op_kl_sum / count, rel=1e-5)
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
     loss.backward()
