@@ -204,3 +204,59 @@ def test_star_train_eval_of_a_gguf_file(smollm2, smollm2_cut_gguf, fmt, tmp_path
     assert score_completion(sample, answer, renderer)["correct"]
     assert not score_completion(sample, renderer.render_answer([{"name": "nothing", "arguments": {}}]),
                                 renderer)["correct"]
+
+
+def test_ckd_and_simrl_stages_train_smollm2_in_its_format(smollm2_cut_gguf, tmp_path, monkeypatch):
+    """The stages render in their model's chat format: ``star_train ckd`` and ``simrl`` on
+    the 2-layer SmolLM2 GGUF, tokenizer and format from the model config alone (the Llama
+    3.1 JSON calls: the Qwen3/Hermes default is every other stage test's). CKD trains
+    one step on examples written in that format (the log counts their target tokens);
+    Sim-RL samples from prompts in that format and scores in it (the reward, patched to
+    test_simrl's deterministic fake so that groups are kept, records the format)."""
+    from star_train.runtime.config import from_dict
+    from star_train.stages import sampling
+    from star_train.stages.ckd import CKDRunConfig, load_ckd_examples, run_ckd
+    from star_train.stages.simrl import SimRLRunConfig, run_simrl
+    from test_simrl import fake_reward
+    from train_fixtures import log_lines, write_jsonl
+
+    fmt = "llama3.1-json"
+    records = sorted(load_records(ASSETS), key=lambda r: len(json.dumps(r)))[:2]
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    model = {"path": str(smollm2_cut_gguf), "tool_format": fmt}
+    train = {"dtype": "float32", "device": "cpu", "max_steps": 1, "lr_schedule": "constant",
+             "warmup_ratio": 0.0}
+    ckd = from_dict(CKDRunConfig, {
+        "data": {"path": str(data)}, "teacher": {"model": model, "k": 8},
+        "student": {"model": model, "gradient_checkpointing": False}, "ckd": {"student_topm": 8},
+        "train": {**train, "out_dir": str(tmp_path / "ckd"), "batch_size": 2,
+                  "micro_batch_size": 2}})
+    run_ckd(ckd, log=lambda *_: None)
+    tokenizer = load_tokenizer(str(smollm2_cut_gguf))
+    renderer = model_renderer(ModelSpec(**model), tokenizer)
+    examples = load_ckd_examples(ckd, tokenizer)
+    for example, record in zip(examples, records):
+        text = tokenizer.decode(example.input_ids)
+        assert text.startswith(build_example(record, renderer)[0].removesuffix("<think>\n"))
+        assert LLAMA31_TOOLS_INTRO in text and "<tool_call>" not in text
+    [logged] = log_lines(tmp_path / "ckd")
+    assert logged["tokens"] == sum(e.num_targets for e in examples)
+    assert torch.isfinite(torch.tensor(logged["loss"]))
+
+    formats = []
+
+    def recording_reward(response, reference, tools, fmt=None, **_):
+        formats.append(fmt.name if fmt is not None else None)
+        return fake_reward(response, reference, tools)
+
+    monkeypatch.setattr(sampling, "similarity_reward", recording_reward)
+    simrl = from_dict(SimRLRunConfig, {
+        "data": {"path": str(data)}, "policy": {"model": model, "gradient_checkpointing": False},
+        "rollout": {"num_samples": 4, "prompts_per_rollout": 2, "max_new_tokens": 6,
+                    "generate_batch_prompts": 2, "max_sampling_rounds": 2},
+        "train": {**train, "out_dir": str(tmp_path / "simrl"), "micro_batch_size": 4,
+                  "samples_per_step": 0}})
+    run_simrl(simrl, log=lambda *_: None)
+    assert formats and set(formats) == {FORMAT_NAMES[fmt]}
+    [logged] = log_lines(tmp_path / "simrl")
+    assert logged["updated"] and torch.isfinite(torch.tensor(logged["loss"]))

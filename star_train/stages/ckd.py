@@ -30,7 +30,14 @@ from ..data.examples import FORMATS, MASKS, example_batch, fingerprint, load_exa
 from ..data.records import load_records
 from ..runtime import distributed
 from ..runtime.config import ModelSpec, TrainConfig, enforce, section, setting
-from ..runtime.models import DTYPES, load_model, model_name, predicting_rows
+from ..runtime.models import (
+    DTYPES,
+    load_model,
+    load_tokenizer,
+    model_name,
+    model_renderer,
+    predicting_rows,
+)
 from ..runtime.run_folder import open_run
 from ..runtime.schedule import BatchSchedule
 from ..runtime.trainer import StepPlan, Trainer
@@ -206,12 +213,16 @@ def prepare_teacher_cache(cfg: CKDRunConfig, examples, digest: str, out, pad_id:
 
 
 def load_ckd_examples(cfg: CKDRunConfig, tokenizer, log=None) -> list:
-    """The tokenized examples a CKD config trains on."""
+    """The tokenized examples a CKD config trains on, rendered in the student's chat
+    format (``student.model``'s ``chat_template`` and ``tool_format``; the teacher reads
+    the same tokens)."""
     d = cfg.data
+    renderer = model_renderer(cfg.student.model, tokenizer, "student.model")
     return load_examples(d.path, tokenizer, max_length=d.max_length, limit=d.limit,
                          fmt=d.format, mask=cfg.ckd.mask, add_reasoning=d.add_reasoning_content,
                          max_prompt_length=d.max_prompt_length,
-                         max_response_length=d.max_response_length, log=log)
+                         max_response_length=d.max_response_length, log=log,
+                         renderer=renderer)
 
 
 def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -> dict:
@@ -220,9 +231,7 @@ def run_ckd(cfg: CKDRunConfig, *, tokenizer=None, on_step_end=None, log=print) -
     cfg.validate()
     log = distributed.main_only_log(log, distributed.current())
     if tokenizer is None:
-        from ..chat.tokenizer import qwen3_tokenizer
-
-        tokenizer = qwen3_tokenizer()
+        tokenizer = load_tokenizer(cfg.student.model)
     out = open_run(cfg.train.out_dir, cfg)
     examples = load_ckd_examples(cfg, tokenizer, log)
     digest = fingerprint(examples)

@@ -63,6 +63,7 @@ from ..runtime.models import (
     check_vocab,
     load_model,
     load_tokenizer,
+    model_renderer,
     predicting_rows,
 )
 from ..runtime.run_folder import open_run
@@ -223,8 +224,10 @@ class SimRLStage:
     name = "simrl"
     total_steps = None  # until the prompt stream cannot fill another rollout
 
-    def __init__(self, cfg: SimRLRunConfig, trainer: Trainer, prompts, skipped: int):
+    def __init__(self, cfg: SimRLRunConfig, trainer: Trainer, prompts, skipped: int,
+                 end_token: str = END_OF_TURN):
         self.cfg, self.trainer, self.prompts = cfg, trainer, prompts
+        self.end_token = end_token  # the chat format's end of turn: a finished completion's
         self.tokenizer = trainer.tokenizer
         self.stream = PromptStream(len(prompts), cfg.train.episodes, cfg.train.seed)
         self.position, self.rollouts = 0, 0
@@ -296,7 +299,8 @@ class SimRLStage:
         self.pending = self._mini_batches()
         self.rollouts += 1
         tokens = sum(len(s.completion) for s in self.samples)
-        record = _sampling_record(groups, kept, position, consumed, rounds, tokens)
+        record = _sampling_record(groups, kept, position, consumed, rounds, tokens,
+                                  self.end_token)
         if self.teacher is not None:
             record["op_kl"] = None  # a step without an update has none
         return {**record, "rollout": self.rollouts - 1, "_groups": groups}
@@ -438,10 +442,10 @@ def _own_tokenizer(spec: ModelSpec):
     return load_tokenizer(spec)
 
 
-def _sampling_record(groups, kept, position, consumed, rounds, tokens) -> dict:
+def _sampling_record(groups, kept, position, consumed, rounds, tokens, end_token) -> dict:
     rewards = [r for g in groups for r in g.rewards]
     kept_rewards = [r for g in kept for r in g.rewards]
-    eos_free = sum(1 for g in groups for t in g.texts if not t.endswith(END_OF_TURN))
+    eos_free = sum(1 for g in groups for t in g.texts if not t.endswith(end_token))
     return {
         "reward_mean": sum(rewards) / len(rewards),
         "kept_reward_mean": sum(kept_rewards) / len(kept_rewards) if kept else None,
@@ -462,12 +466,11 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
     holds every group sampled in the step (dropped ones included), in sampling order."""
     cfg.validate()
     if tokenizer is None:
-        from ..chat.tokenizer import qwen3_tokenizer
-
-        tokenizer = qwen3_tokenizer()
+        tokenizer = load_tokenizer(cfg.policy.model)
+    renderer = model_renderer(cfg.policy.model, tokenizer, "policy.model")
     out = open_run(cfg.train.out_dir, cfg)
     prompts, skipped = load_prompts(load_records(cfg.data.path, cfg.data.limit),
-                                    cfg.data.max_prompt_length, tokenizer)
+                                    cfg.data.max_prompt_length, tokenizer, renderer)
     log(f"{len(prompts)} prompts; skipped {skipped} longer than "
         f"{cfg.data.max_prompt_length} tokens")
     per_step = cfg.rollout.prompts_per_rollout
@@ -477,7 +480,7 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
     trainer = Trainer(cfg.train, cfg.policy.model, out, tokenizer=tokenizer,
                       gradient_checkpointing=cfg.policy.gradient_checkpointing,
                       role="policy", log=log)
-    stage = SimRLStage(cfg, trainer, prompts, skipped)
+    stage = SimRLStage(cfg, trainer, prompts, skipped, renderer.end_token)
     summary = trainer.fit(stage, on_step_end)
     return {**summary, "stream_position": stage.position, "skipped_prompts": skipped,
             "num_prompts": len(prompts)}
