@@ -116,8 +116,9 @@ def report_lines(summary: dict) -> list[str]:
 
 
 def run(args) -> int:
+    from ..runtime import distributed
     from ..runtime.config import ModelSpec
-    from ..runtime.models import DTYPES, load_model, resolve_device
+    from ..runtime.models import DTYPES, load_model
     from . import bfcl, runner
 
     categories = runner.checked_categories(args.categories)  # before the model loads
@@ -125,8 +126,10 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {value}")
-    model = load_model(ModelSpec(path=args.model), DTYPES[args.dtype],
-                       resolve_device(args.device))
+    # Under torchrun each rank evaluates its share of the samples on its own device
+    # (runner.run_bfcl splits and merges); rank 0 prints and writes the files.
+    world = distributed.current()
+    model = load_model(ModelSpec(path=args.model), DTYPES[args.dtype], world.device(args.device))
     choice = tokenizer_choice(args.model, args.tokenizer)
     tokenizer = _load_tokenizer(args.model, choice)
     if model.config.vocab_size < len(tokenizer):
@@ -144,7 +147,10 @@ def run(args) -> int:
                               multi_turn_limit=args.multi_turn_limit,
                               chat_format=chat_format,
                               results_path=args.results, settings=settings,
-                              chunk_size=4 * args.batch_size, progress=not args.no_progress)
+                              chunk_size=4 * args.batch_size,
+                              progress=not args.no_progress and world.is_main, world=world)
+    if not world.is_main:
+        return 0
     print("\n".join(report_lines(summary)))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

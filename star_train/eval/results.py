@@ -5,6 +5,10 @@ tokenizer, chat format, generation length, ...) and then one line per scored sam
 written and flushed as each is scored. Reopening the file with the same settings skips
 the samples it holds; other settings are refused, naming each difference, rather than
 mixing two runs' answers in one score. A line cut off by an interruption is dropped.
+
+Under torchrun every rank holds the same rows and only rank 0 writes the file: it opens
+the store first (``writer=True``: creating, checking or repairing the file), the other
+ranks then read it (``writer=False``) and add rows in memory only.
 """
 
 from __future__ import annotations
@@ -23,19 +27,23 @@ def _differences(old: dict, new: dict) -> list[str]:
 class ResultStore:
     """Scored rows by ``(category, id)``, kept in ``path`` when one is given."""
 
-    def __init__(self, path: str | Path | None, settings: dict):
+    def __init__(self, path: str | Path | None, settings: dict, writer: bool = True):
         self.settings = json.loads(json.dumps(settings))  # as it reads back from disk
         self.rows: dict = {}
         self.path = None if path is None else Path(path)
         self._file = None
+        self._writer = writer
         if self.path is None:
             return
         if self.path.exists() and self.path.stat().st_size:
             self._load()
+        elif not writer:
+            return
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"settings": self.settings}) + "\n")
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if writer:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def _load(self):
         good_bytes = 0
@@ -59,7 +67,7 @@ class ResultStore:
                 else:
                     self.rows[(record["category"], record["id"])] = record
                 good_bytes += len(line)
-        if good_bytes < self.path.stat().st_size:
+        if good_bytes < self.path.stat().st_size and self._writer:
             os.truncate(self.path, good_bytes)
 
     def get(self, category: str, sample_id: str) -> dict | None:

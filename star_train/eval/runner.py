@@ -14,6 +14,12 @@ with every not-evaluated sample counted wrong and counted right: the true full-B
 value of this model lies between the two. With ``limit`` each category is a sample of
 its first ``limit`` questions, while the live mean keeps BFCL's weights (full category
 sizes), so the number estimates a full run.
+
+Under torchrun (``torchrun --nproc-per-node N -m star_train eval ...``) the ranks share
+the work in whole chunks of samples (each rank's ``generate_fn`` sees the batches one
+process would) and all-gather the scored rows after each round of N chunks; every rank
+holds every row and computes the summary, rank 0 writes the results file in the
+single-process order and prints. A results file resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import importlib.metadata
 
 from ..chat.templates import QWEN3, ChatRenderer
+from ..runtime import distributed
 from . import bfcl, executable, multi_turn
 from .overall import LEADERBOARD_CATEGORIES, leaderboard_overall
 from .results import ResultStore
@@ -68,24 +75,54 @@ def _generate(generate_fn, prompts: list) -> list:
     return completions
 
 
-def _run_single_turn(category, samples, generate_fn, store, chat_format, chunk_size, bar):
+def _run_single_turn(category, samples, generate_fn, store, chat_format, chunk_size, bar,
+                     world):
     for sample in samples:
         if (isinstance(sample, executable.ExecSample) and sample.not_evaluated
                 and store.get(category, sample.id) is None):
             store.add(executable.score_completion(sample, "", chat_format))  # nothing to ask
             bar.update(1)
     pending = [s for s in samples if store.get(category, s.id) is None]
-    for start in range(0, len(pending), chunk_size):
-        chunk = pending[start:start + chunk_size]
-        if category in EXECUTABLE:
-            prompts = [executable.build_prompt(sample, chat_format) for sample in chunk]
-            score = executable.score_completion
-        else:
-            prompts = [bfcl.build_prompt(sample, chat_format) for sample in chunk]
-            score = bfcl.score_completion
+    if category in EXECUTABLE:
+        build, score = executable.build_prompt, executable.score_completion
+    else:
+        build, score = bfcl.build_prompt, bfcl.score_completion
+
+    def run_chunk(chunk, on_row):
+        prompts = [build(sample, chat_format) for sample in chunk]
         for sample, completion in zip(chunk, _generate(generate_fn, prompts)):
-            store.add(score(sample, completion, chat_format))
-            bar.update(1)
+            on_row(score(sample, completion, chat_format))
+
+    _run_chunks(_chunks(pending, chunk_size), run_chunk, store, bar, world)
+
+
+def _chunks(items: list, size: int) -> list:
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def _run_chunks(chunks, run_chunk, store, bar, world) -> None:
+    """``run_chunk(chunk, on_row)`` for every chunk (it calls ``on_row(row)`` per scored
+    sample), each row added to ``store`` in the order one process adds them.
+
+    In a world of one each row is stored (and saved) as it is scored. Under torchrun the
+    chunks are dealt round-robin (``distributed.in_rounds``): each rank scores whole
+    chunks, so every ``generate_fn`` call gets the prompts it gets in one process (the
+    same batches, hence the same greedy completions); after each round every rank adds
+    the round's rows in chunk order, rank 0 writing them to the results file."""
+    if not world.enabled:
+        for chunk in chunks:
+            run_chunk(chunk, lambda row: (store.add(row), bar.update(1)))
+        return
+
+    def local(chunk):
+        rows = []
+        run_chunk(chunk, rows.append)
+        return rows
+
+    for _, rows in distributed.in_rounds(world, chunks, local):
+        for row in rows:
+            store.add(row)
+        bar.update(len(rows))
 
 
 def _category_scores(rows: list) -> dict:
@@ -122,7 +159,7 @@ def source(categories) -> dict:
 def run_bfcl(generate_fn, categories="all", *, limit: int | None = None,
              multi_turn_limit: int | None = None, chat_format: ChatRenderer = QWEN3,
              results_path=None, settings: dict | None = None, chunk_size: int = 32,
-             progress: bool = True) -> dict:
+             progress: bool = True, world: distributed.World | None = None) -> dict:
     """Run ``categories`` through ``generate_fn`` and score them with BFCL's rules.
 
     ``multi_turn_limit``: a smaller sample for the multi-turn categories (each is a whole
@@ -131,6 +168,10 @@ def run_bfcl(generate_fn, categories="all", *, limit: int | None = None,
     ``settings``). ``chunk_size``: prompts per ``generate_fn`` call in the single-turn
     categories, and conversations run in lockstep in the multi-turn ones (results are
     saved after each chunk or finished conversation).
+    ``world``: under torchrun (``distributed.current()``) the samples are split over the
+    ranks in whole chunks and merged: every rank returns the summary one process computes,
+    and rank 0 alone writes the results file, its rows in the single-process order.
+    Default a world of one (a caller on one rank of a larger job runs alone).
     Returns ``{"source", "settings", "limit", "categories": {name: {"accuracy" (over
     evaluated samples, None if none), "correct", "evaluated", "not_evaluated", "total"}},
     "overall": summarize(...)}``.
@@ -147,7 +188,14 @@ def run_bfcl(generate_fn, categories="all", *, limit: int | None = None,
     settings = {**(settings or {}), "chat_format": chat_format.name,
                 "bfcl": importlib.metadata.version(bfcl.BFCL_DISTRIBUTION)}
     per_category = {}
-    with ResultStore(results_path, settings) as store:
+    world = world or distributed.World()
+    if world.is_main:  # rank 0 creates, checks or repairs the file before the others read it
+        store = ResultStore(results_path, settings)
+    world.barrier()
+    if not world.is_main:
+        store = ResultStore(results_path, settings, writer=False)
+    world.barrier()  # everyone has read it before rank 0 appends
+    with store:
         for category in categories:
             is_multi_turn = category in multi_turn.MULTI_TURN_CATEGORIES
             samples = _load(category, multi_turn_limit if is_multi_turn else limit)
@@ -156,13 +204,15 @@ def run_bfcl(generate_fn, categories="all", *, limit: int | None = None,
                       disable=not progress, leave=False) as bar:
                 if is_multi_turn:
                     pending = [s for s in samples if store.get(category, s.id) is None]
-                    for start in range(0, len(pending), chunk_size):
-                        multi_turn.run_conversations(pending[start:start + chunk_size],
-                                                     generate_fn, chat_format=chat_format,
-                                                     on_done=store.add, progress=bar)
+
+                    def run_chunk(chunk, on_row):
+                        multi_turn.run_conversations(chunk, generate_fn,
+                                                     chat_format=chat_format, on_done=on_row)
+
+                    _run_chunks(_chunks(pending, chunk_size), run_chunk, store, bar, world)
                 else:
                     _run_single_turn(category, samples, generate_fn, store, chat_format,
-                                     chunk_size, bar)
+                                     chunk_size, bar, world)
             per_category[category] = _category_scores([store.get(category, s.id)
                                                        for s in samples])
     return {"source": source(categories), "settings": store.settings, "limit": limit,

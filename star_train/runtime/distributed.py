@@ -314,3 +314,38 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict
             and value.shape == p.shape and value.dim() else value
             for key, value in entry.items()}
     return state
+
+
+# --------------------------------------------------------------------------- work split
+# Rollouts and eval: each rank does a share of independent pieces of work, and the
+# pieces are merged in their single-process order.
+
+
+def wait_for_files(paths, poll_s: float = 1.0) -> None:
+    """Return once every path in ``paths`` exists (files other ranks write, each renamed
+    into place when whole). It polls the shared output folder instead of calling a
+    collective: a rank that finishes its share early may wait longer than a process
+    group's timeout (NCCL's default is 10 minutes) for a slower rank's last long piece. A rank
+    that fails ends the torchrun job, so the wait does not outlive it."""
+    import time
+
+    pending = [p for p in paths if not os.path.exists(p)]
+    while pending:
+        time.sleep(poll_s)
+        pending = [p for p in pending if not os.path.exists(p)]
+
+
+def in_rounds(world: World, pieces: list, run):
+    """``run(piece)`` for every piece, split over the ranks, yielded as ``(piece,
+    result)`` on every rank in the order of ``pieces``. The pieces go in rounds of ``world_size``:
+    rank ``r`` runs piece ``r`` of each round and one ``all_gather`` per round brings the
+    results together, so a caller can store each round's results before the next (an
+    interrupted job keeps every finished round) and no rank waits more than one piece
+    for another (every rank must iterate to the end: each round is a collective). In a
+    world of one, one piece at a time with no collective."""
+    size = world.world_size
+    for first in range(0, len(pieces), size):
+        batch = pieces[first:first + size]
+        mine = run(batch[world.rank]) if world.rank < len(batch) else None
+        results = world.all_gather(mine)
+        yield from zip(batch, results)

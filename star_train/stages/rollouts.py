@@ -32,6 +32,14 @@ written to ``shard-00000.jsonl`` under a temporary name and renamed, and each sh
 sampled from its own seed, so an interrupted run resumes by skipping the shards that
 exist and produces the same output as an uninterrupted one. ``rollouts.jsonl`` (all
 shards in order) and ``summary.json`` are written at the end.
+
+Under torchrun (``torchrun --nproc-per-node N -m star_train rollouts ...``) each rank
+samples every ``N``-th shard on its own device; a shard's seeds depend on the shard and
+chunk only, so the shards are the ones one process writes, whatever the world size (and
+a run resumes on any world size: a shard that exists is skipped, whoever made it). Every
+rank then waits for all the shards (by polling the folder: no collective, whose timeout
+a long shard could outlast) and rank 0 alone writes ``rollouts.jsonl`` and
+``summary.json``, merged in shard order.
 """
 
 from __future__ import annotations
@@ -49,9 +57,10 @@ from ..chat.templates import QWEN3, ChatRenderer
 from ..data.prompts import RLPrompt, load_prompts, prompts_fingerprint
 from ..data.records import load_records
 from ..reward import RULES, released_calls_valid, released_parse, released_tool_table
+from ..runtime import distributed
 from ..runtime.config import ModelSpec, config_to_dict, enforce, section, setting
 from ..runtime.generation import derived_seed
-from ..runtime.models import DTYPES, autocast, load_model, load_tokenizer, model_name, model_renderer, resolve_device
+from ..runtime.models import DTYPES, autocast, load_model, load_tokenizer, model_name, model_renderer
 from ..runtime.run_folder import open_run, pin_settings, write_atomic
 from .sampling import sample_and_score
 
@@ -246,8 +255,11 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
     """Generate (or finish generating) the teacher rollouts; returns the summary.
     ``tokenizer``: default the teacher's own (``load_tokenizer``: the offline Qwen3 one for
     a config-built Qwen3). Prompts are written, and completions read, in the chat format
-    of ``teacher.model``'s ``chat_template`` and ``tool_format`` keys."""
+    of ``teacher.model``'s ``chat_template`` and ``tool_format`` keys. Under torchrun the
+    shards are split over the ranks and every rank returns the same summary."""
     cfg.validate()
+    world = distributed.current()
+    log = distributed.main_only_log(log, world)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.teacher.model)
     renderer = model_renderer(cfg.teacher.model, tokenizer, "teacher.model")
@@ -260,16 +272,17 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
         f"{cfg.data.max_prompt_length} tokens")
     _check_run(out, cfg, prompts)
 
-    device = resolve_device(cfg.output.device)
+    device = world.device(cfg.output.device)
     dtype = DTYPES[cfg.output.dtype]
     teacher = None
     size = cfg.output.shard_size
     shard_paths = [out / f"shard-{shard:05d}.jsonl" for shard in range(-(-len(prompts) // size))]
-    done = sum(len(prompts[i * size:(i + 1) * size]) for i, p in enumerate(shard_paths)
-               if p.exists())
-    bar = tqdm(total=len(prompts), initial=done, desc="teacher rollouts", unit="prompt",
-               mininterval=2)
-    for shard, (first, path) in enumerate(zip(range(0, len(prompts), size), shard_paths)):
+    mine = world.share(list(enumerate(zip(range(0, len(prompts), size), shard_paths))))
+    bar = tqdm(total=sum(len(prompts[first:first + size]) for _, (first, _) in mine),
+               initial=sum(len(prompts[first:first + size]) for _, (first, path) in mine
+                           if path.exists()),
+               desc="teacher rollouts", unit="prompt", mininterval=2, disable=not world.is_main)
+    for shard, (first, path) in mine:
         if path.exists():
             continue
         if teacher is None:
@@ -288,15 +301,17 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
         rewards = [r for samples in scored for r in samples.rewards]
         stats = {"shard": shard, "prompts": len(scored), "samples": len(rewards),
                  "mean_reward": sum(rewards) / max(1, len(rewards)),
-                 "kept": len(kept), **counts, "seconds": round(time.perf_counter() - t0, 2)}
+                 "kept": len(kept), **counts, "seconds": round(time.perf_counter() - t0, 2),
+                 "rank": world.rank}
         # The records file marks the shard done (resume skips it), so it goes last.
         write_atomic(path.with_suffix(".stats.json"), json.dumps(stats))
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"shard {shard}: {stats['kept']} rollouts kept of {stats['samples']} "
             f"(mean reward {stats['mean_reward']:.3f}, {stats['seconds']}s)")
     bar.close()
+    distributed.wait_for_files(shard_paths)  # the other ranks' shards
 
-    write_atomic(out / "rollouts.jsonl", "".join(p.read_text() for p in shard_paths))
+    text = "".join(p.read_text() for p in shard_paths)
     shard_stats = [json.loads(p.with_suffix(".stats.json").read_text()) for p in shard_paths]
     samples = sum(st["samples"] for st in shard_stats)
     summary = {"seed_prompts": len(prompts), "skipped_prompts": skipped, "samples": samples,
@@ -305,7 +320,9 @@ def run_rollouts(cfg: RolloutRunConfig, *, tokenizer=None, log=print) -> dict:
                "mean_reward": (sum(st["mean_reward"] * st["samples"] for st in shard_stats)
                                / max(1, samples)),
                "rollouts": str(out / "rollouts.jsonl")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if world.is_main:
+        write_atomic(out / "rollouts.jsonl", text)
+        write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     log(f"{summary['kept']} rollouts from {summary['seed_prompts']} seed prompts -> "
         f"{summary['rollouts']}")
     return summary
