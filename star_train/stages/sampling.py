@@ -6,6 +6,11 @@ run's position and a resumed run re-samples identically. A completion is scored 
 response the model wrote: what its prompt already holds of the answer (the chat format's
 ``response_prefix``; Qwen3: the ``<think>\\n`` the prompt ends with) plus the decoded ids,
 end-of-turn token included, read in the prompts' chat format (``RLPrompt.renderer``).
+
+Under torchrun a caller may pass its ``World``: each rank then samples and scores every
+``world_size``-th chunk (from its rank) on its own device, and one ``all_gather`` gives
+every rank all the scored samples in the chunks' order. A chunk's seed is its own, so the
+result is the one a single process gets, whatever the world size (``split_over_ranks``).
 """
 
 from __future__ import annotations
@@ -32,18 +37,22 @@ class ScoredSamples:
 def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: int,
                      chunk_prompts: int, seed_of, temperature: float, max_new_tokens: int,
                      autocast, progress=None, text_prefix: str | None = None,
-                     reward_rules: str | None = None) -> list[ScoredSamples]:
+                     reward_rules: str | None = None, world=None) -> list[ScoredSamples]:
     """``num_samples`` scored completions of each prompt, in the prompts' order.
     ``progress`` (a tqdm bar) advances by the prompts of each finished chunk; without
-    one a bar for this call alone is shown while it runs. ``text_prefix``: what goes in
-    front of each decoded completion (default: the chat format's ``response_prefix``).
-    Generation stops at the chat format's end token, and the reward reads the text in
-    that format."""
-    bar = progress or tqdm(total=len(prompts), desc="sampling", unit="prompt", leave=False,
-                           mininterval=2)
-    out = []
-    for chunk, first in enumerate(range(0, len(prompts), chunk_prompts)):
-        members = prompts[first:first + chunk_prompts]
+    one a bar for this call alone is shown while it runs (on rank 0 only). ``text_prefix``:
+    what goes in front of each decoded completion (default: the chat format's
+    ``response_prefix``). Generation stops at the chat format's end token, and the reward
+    reads the text in that format. ``world``: split the chunks over its ranks (see the
+    module doc); every rank must call this with the same prompts."""
+    chunks = [prompts[first:first + chunk_prompts]
+              for first in range(0, len(prompts), chunk_prompts)]
+    main = world is None or world.is_main
+    bar = progress or tqdm(total=sum(len(c) for c in _own(world, chunks)), desc="sampling",
+                           unit="prompt", leave=False, mininterval=2, disable=not main)
+
+    def run(chunk: int) -> list[tuple]:
+        members = chunks[chunk]
         renderer = members[0].renderer or QWEN3  # a prompt list is rendered in one format
         prefix = renderer.response_prefix if text_prefix is None else text_prefix
         sampled = sample_completions(
@@ -54,13 +63,37 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: 
         rules = {} if reward_rules is None else {"rules": reward_rules}
         if not renderer.native:  # the Qwen3 format is scored as written (no fmt needed)
             rules["fmt"] = renderer
+        scored = []
         for prompt, completions in zip(members, sampled):
             texts = [prefix + tokenizer.decode(c.tolist(), skip_special_tokens=False)
                      for c in completions]
             rewards = [float(similarity_reward(t, prompt.reference, prompt.tools, **rules))
                        for t in texts]
-            out.append(ScoredSamples(prompt, completions, texts, rewards))
+            scored.append((completions, texts, rewards))  # CPU tensors: cheap to gather
         bar.update(len(members))
+        return scored
+
+    results = split_over_ranks(world, len(chunks), run)
     if progress is None:
         bar.close()
-    return out
+    return [ScoredSamples(prompt, *result) for members, scored in zip(chunks, results)
+            for prompt, result in zip(members, scored)]
+
+
+def _own(world, items: list) -> list:
+    """The items this rank runs in ``split_over_ranks``."""
+    return items if world is None else world.share(items)
+
+
+def split_over_ranks(world, count: int, run) -> list:
+    """``[run(0), ..., run(count - 1)]`` on every rank: each rank runs every
+    ``world_size``-th index from its rank (``World.share``) and one ``all_gather`` of
+    those results (small, picklable, on the CPU) puts them back in index order. Every rank
+    must call it, with the same ``count``. A world of one (or None) runs them all with no
+    collective."""
+    if world is None or not world.enabled:
+        return [run(i) for i in range(count)]
+    merged = {}
+    for part in world.all_gather({i: run(i) for i in world.share(list(range(count)))}):
+        merged.update(part)
+    return [merged[i] for i in range(count)]

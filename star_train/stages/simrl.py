@@ -1,4 +1,4 @@
-"""STAR stage 2: Sim-RL (GRPO with the similarity reward) on one device.
+"""STAR stage 2: Sim-RL (GRPO with the similarity reward), on one device or data-parallel.
 
 ``run_simrl(cfg)`` trains the policy (e.g. the CKD stage's ``final/`` folder) and can be
 killed and restarted at any point. As released (OpenRLHF's PPO loop with STAR's flags):
@@ -23,6 +23,19 @@ killed and restarted at any point. As released (OpenRLHF's PPO loop with STAR's 
    no ``[tokens x vocab]`` logits, no lm_head work on prompt tokens;
 5. the training skeleton logs each step and checkpoints between rollouts (the stream
    position, which dynamic filtering moves by a variable amount, is in the checkpoint).
+
+Under torchrun (``torchrun --nproc-per-node N -m star_train simrl --config ...``) the run
+is data-parallel and trains what one process trains: each sampling round's generate()
+chunks go round-robin to the ranks (a chunk's seed is its own), each rank samples and
+scores its chunks on its own device, and one ``all_gather`` gives every rank every scored
+group in chunk order, so every rank holds the whole rollout and takes the same filtering
+decisions; the recorded log-probs' micro-batches are split and gathered the same way (a
+micro-batch is computed as one process computes it); the updates go through the
+trainer's split of each step's micro-batches, and rank 0 alone logs and writes. With
+on-policy updates (``samples_per_step = 0``, one epoch) a group's ``old_logprobs`` in
+``on_step_end``'s detail hold only the micro-batches this rank trained. FSDP2 is refused
+(``train.data_parallel = "fsdp2"``): the ranks' generate() calls differ in number and
+length, while FSDP2's all-gathers need every rank in every forward.
 
 (Over 400 lines: the stage's rollout, its recorded log-probs and its loss share the
 sample records defined here; splitting them apart would pass those around.)
@@ -56,6 +69,7 @@ from ..data.examples import pad_batch
 from ..data.prompts import load_prompts, prompts_fingerprint
 from ..data.records import load_records
 from ..reward import group_advantages, keep_group
+from ..runtime import distributed
 from ..runtime.config import ModelSpec, TrainConfig, enforce, section, setting
 from ..runtime.generation import derived_seed
 from ..runtime.models import (
@@ -69,7 +83,7 @@ from ..runtime.models import (
 from ..runtime.run_folder import open_run
 from ..runtime.schedule import PromptStream
 from ..runtime.trainer import StepPlan, Trainer
-from .sampling import sample_and_score
+from .sampling import sample_and_score, split_over_ranks
 
 # ---------------------------------------------------------------- config
 
@@ -169,13 +183,16 @@ def sampling_seed(seed: int, step: int, sampling_round: int, chunk: int) -> int:
 
 def sample_round(policy, tokenizer, prompts, indices: list[int], cfg, step: int,
                  sampling_round: int, autocast) -> list[PromptGroup]:
-    """Sample, decode and score one group per index in ``indices``; set ``kept``."""
+    """Sample, decode and score one group per index in ``indices``; set ``kept``. Under
+    torchrun the generate() chunks are split over the ranks and gathered back in order
+    (``sample_and_score``): every rank returns every group."""
     r = cfg.rollout
     scored = sample_and_score(
         policy, tokenizer, [prompts[i] for i in indices], num_samples=r.num_samples,
         chunk_prompts=r.generate_batch_prompts,
         seed_of=lambda chunk: sampling_seed(cfg.train.seed, step, sampling_round, chunk),
-        temperature=r.temperature, max_new_tokens=r.max_new_tokens, autocast=autocast)
+        temperature=r.temperature, max_new_tokens=r.max_new_tokens, autocast=autocast,
+        world=distributed.current())
     return [PromptGroup(s.prompt.index, s.prompt.ids, s.completions, s.texts, s.rewards,
                         keep_group(s.rewards), sampling_round) for s in scored]
 
@@ -309,24 +326,36 @@ class SimRLStage:
     def _record_logprobs(self) -> None:
         """Reference log-probs of every kept completion, the teacher's (on-policy KD) and
         (when updates need them) the sampling policy's: all before any update of this
-        rollout."""
+        rollout. Computed in micro-batches of ``train.micro_batch_size`` completions; under
+        torchrun each rank computes every ``world_size``-th micro-batch and one
+        ``all_gather`` hands every rank all of them (each micro-batch is the one a single
+        process computes, so the values are too)."""
         models = [("ref_logprobs", self.reference)]
         if self.teacher is not None:
             models.append(("teacher_logprobs", self.teacher))
         if self.recorded_old:
             models.append(("old_logprobs", self.trainer.model))
         micro = self.cfg.train.micro_batch_size
-        for first in range(0, len(self.samples), micro):
-            part = self.samples[first:first + micro]
+        parts = [self.samples[first:first + micro]
+                 for first in range(0, len(self.samples), micro)]
+
+        def record(index: int) -> dict:
+            part = parts[index]
             batch = self._batch(part)
+            out = {}
             for field_name, model in models:
                 with self.trainer.autocast():
                     rows, ids, weight, bias = predicting_rows(model, batch,
                                                               self.trainer.device)
                     logps = sk.fused_linear_logprobs(rows, weight, ids, bias=bias,
                                                      temperature=self.cfg.rollout.temperature)
-                for sample, lp in zip(part, logps.float().cpu().split(
-                        [len(s.completion) for s in part])):
+                out[field_name] = logps.float().cpu().split([len(s.completion) for s in part])
+            return out
+
+        for part, recorded in zip(parts, split_over_ranks(self.trainer.world, len(parts),
+                                                          record)):
+            for field_name, _ in models:
+                for sample, lp in zip(part, recorded[field_name]):
                     setattr(sample, field_name, lp)
                     getattr(sample.owner, field_name).append(lp)
 
@@ -465,6 +494,7 @@ def run_simrl(cfg: SimRLRunConfig, *, tokenizer=None, on_step_end=None, log=prin
     is called after each step (and its checkpoint, if one was due); ``report.detail``
     holds every group sampled in the step (dropped ones included), in sampling order."""
     cfg.validate()
+    log = distributed.main_only_log(log, distributed.current())
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.policy.model)
     renderer = model_renderer(cfg.policy.model, tokenizer, "policy.model")
