@@ -24,6 +24,12 @@ killed and restarted at any point. As released (OpenRLHF's PPO loop with STAR's 
 5. the training skeleton logs each step and checkpoints between rollouts (the stream
    position, which dynamic filtering moves by a variable amount, is in the checkpoint).
 
+``train.packing`` (the CKD key, off by default) puts each micro-batch's prompt + completion
+sequences in one padding-free row (``data.examples.pack_batch``: positions restart per
+sequence, no attention mask) for the loss forward and for the recorded log-probs: the
+same target rows in the same order, without the padding's compute (flash-attention's
+variable-length kernels on CUDA, see ``runtime.speedups``).
+
 Under torchrun (``torchrun --nproc-per-node N -m star_train simrl --config ...``) the run
 is data-parallel and trains what one process trains: each sampling round's generate()
 chunks go round-robin to the ranks (a chunk's seed is its own), each rank samples and
@@ -65,7 +71,7 @@ import star_kernels as sk
 from star_kernels.grpo import kl_penalty
 
 from ..chat.qwen3 import END_OF_TURN
-from ..data.examples import pad_batch
+from ..data.examples import pack_batch, pad_batch
 from ..data.prompts import load_prompts, prompts_fingerprint
 from ..data.records import load_records
 from ..reward import group_advantages, keep_group
@@ -137,6 +143,7 @@ class SimRLTrainConfig(TrainConfig):
     episodes: int = setting(3, min=1)     # passes over the prompts; max_steps stops earlier
     samples_per_step: int = setting(128, min=0)  # completions per optimizer step (0 = rollout)
     max_epochs: int = setting(1, min=1)   # passes over each rollout
+    packing: bool = False  # each micro-batch as one padding-free row (positions restart)
 
 
 @dataclass
@@ -376,10 +383,15 @@ class SimRLStage:
         return out
 
     def _batch(self, samples: list[_Sample]) -> dict:
-        return pad_batch([(torch.cat([s.prompt_ids, s.completion]),
-                           torch.arange(len(s.prompt_ids) + len(s.completion))
-                           >= len(s.prompt_ids)) for s in samples],
-                         self.tokenizer.pad_token_id)
+        """The samples' prompt + completion sequences, the completion tokens as targets:
+        right-padded, or with ``train.packing`` in one padding-free row (positions restart
+        per sequence, no attention mask; the same target rows in the same order)."""
+        sequences = [(torch.cat([s.prompt_ids, s.completion]),
+                      torch.arange(len(s.prompt_ids) + len(s.completion)) >= len(s.prompt_ids))
+                     for s in samples]
+        if self.cfg.train.packing:
+            return pack_batch(sequences)
+        return pad_batch(sequences, self.tokenizer.pad_token_id)
 
     def micro_loss(self, policy, indices: list[int]):
         g, device = self.cfg.grpo, self.trainer.device
