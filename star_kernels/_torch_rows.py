@@ -68,10 +68,17 @@ def _trim_ties(z, confident, threshold, excess, rows=None, block: int = 8192):
         seen += tie.sum(1, dtype=torch.int32)
 
 
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` from Python costs nothing: on a CPU tensor outside
+    torch.compile. (On an accelerator it is a synchronisation, under torch.compile a graph
+    break: the ops' hot path makes none there.)"""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def top_m_mask(z, m: int) -> torch.Tensor:
     """``[C, V]`` bool: each row's ``m`` largest values, exactly ``m`` ids; among ids tied
     at the m-th value the lowest ids are taken (the fixed tie rule of every backend)."""
-    if z.device.type != "cpu" or torch.compiler.is_compiling() or m >= z.shape[1]:
+    if not host_reads_are_free(z) or m >= z.shape[1]:
         # Deciding which rows need a trim would read a value on the host, a
         # synchronisation on accelerators and a graph break under torch.compile: every
         # row is trimmed (a no-op for rows without excess ties).

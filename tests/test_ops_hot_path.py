@@ -16,7 +16,7 @@ import torch
 import star_kernels as sk
 from ckd_cases import make_problem
 from conftest import cpu_backends
-from star_kernels import _chunked, _validation, reference
+from star_kernels import _chunked, _torch_rows, _validation, reference
 
 BACKENDS = cpu_backends()
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
@@ -24,7 +24,10 @@ SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "non
 
 @contextlib.contextmanager
 def count_syncs(monkeypatch):
-    """Counts Python-level reads of tensor values (per kind) while active."""
+    """Counts Python-level reads of tensor values (per kind) while active. The CPU tensors
+    stand in for accelerator ones: the torch backend takes the path it takes there (it
+    reads on the host only where that is free, ``_torch_rows.host_reads_are_free``)."""
+    monkeypatch.setattr(_torch_rows, "host_reads_are_free", lambda t: False)
     counts = {}
     for name in SYNCS:
         original = getattr(torch.Tensor, name)
