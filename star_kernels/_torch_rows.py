@@ -101,6 +101,53 @@ def top_m_mask(z, m: int) -> torch.Tensor:
     return confident
 
 
+def teacher_terms(teacher_logprobs, logq_s, ctype):
+    """The row terms at the teacher's entries: ``(tlp, ranked, p, q_s, fkl)``: the teacher's
+    log-probs in ``ctype``, which entries are real (not -inf padding), the teacher's and
+    the student's probabilities there (0 at padding) and the forward KL over them."""
+    tlp = teacher_logprobs.to(ctype)
+    ranked = torch.isfinite(tlp)
+    p = torch.where(ranked, tlp.exp(), 0.0)
+    q_s = torch.where(ranked, logq_s.exp(), 0.0)
+    fkl = torch.where(ranked, p * (tlp - logq_s), 0.0).sum(1)
+    return tlp, ranked, p, q_s, fkl
+
+
+def ckd_row_loss(cfg: CKDConfig, tlp, ranked, p, logq_s, q_s, fkl, mistake_mass, ce):
+    """Per-row CKD loss from the row statistics (the divergence on the teacher's entries,
+    ``tail_coef`` x the confident-error mass, the tail bucket, the CE mix), and the terms
+    its gradient needs: ``(loss, (g_div, mistake_mass, tail_ratio, student_mass))``."""
+    div, g_div = kd_divergence(cfg.kd_type, p, tlp, logq_s, q_s, ranked, fkl)
+    loss = div + cfg.tail_coef * mistake_mass
+    tail_ratio = torch.zeros_like(fkl)
+    student_mass = q_s.sum(1)
+    if cfg.tail_bucket:
+        p_tail = (1.0 - p.sum(1)).clamp_min(0.0)
+        q_tail = (1.0 - student_mass).clamp_min(torch.finfo(fkl.dtype).tiny)
+        loss = loss + torch.xlogy(p_tail, p_tail) - torch.xlogy(p_tail, q_tail)
+        tail_ratio = p_tail / q_tail
+    if cfg.kd_ratio < 1.0:
+        loss = cfg.kd_ratio * loss + (1.0 - cfg.kd_ratio) * ce
+    return loss, (g_div, mistake_mass, tail_ratio, student_mass)
+
+
+def ckd_row_grad(cfg: CKDConfig, grad_scale, q_s, s_confident, g_div, mistake_mass, tail_ratio,
+                 student_mass, keep, ctype):
+    """The gradient in the logits u = z / T, per row: d loss / d u_v = q_v * (dense +
+    lam*mix*[v in M]) + sparse corrections at the teacher ids and the label (so a final
+    1/T). Returns ``(s, dense, at_teacher, at_label)``: the row scale grad_scale / T,
+    ``dense`` (times s), the corrections at the teacher ids and (CE mix only, else None)
+    at the label, both times s."""
+    lam, mix = cfg.tail_coef, cfg.kd_ratio
+    s = grad_scale.to(ctype) / cfg.temperature
+    dense = mix * (-g_div.sum(1) - lam * mistake_mass - tail_ratio * student_mass)
+    if mix < 1.0:
+        dense = dense + (1.0 - mix) * keep
+    at_teacher = mix * (tail_ratio[:, None] * q_s + g_div - lam * q_s * s_confident)
+    at_label = (-(1.0 - mix) * s * keep)[:, None] if mix < 1.0 else None
+    return s, dense * s, at_teacher * s[:, None], at_label
+
+
 def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: CKDConfig):
     """Per-row CKD loss of a ``[C, V]`` logits chunk, and its gradient in place."""
     ctype = _compute_dtype(logits.dtype)
@@ -124,46 +171,22 @@ def ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg: 
     q.mul_(sum_exp.reciprocal())
     lse = row_max + sum_exp.log()
 
-    tlp = teacher_logprobs.to(ctype)
-    ranked = torch.isfinite(tlp)
-    p = torch.where(ranked, tlp.exp(), 0.0)
     logq_s = z_s - lse
-    q_s = torch.where(ranked, logq_s.exp(), 0.0)
-    fkl = torch.where(ranked, p * (tlp - logq_s), 0.0).sum(1)
+    tlp, ranked, p, q_s, fkl = teacher_terms(teacher_logprobs, logq_s, ctype)
     s_confident = ranked & confident.gather(1, ids)
-    if mix < 1.0:
-        ce = keep * (lse[:, 0] - z_label)
+    ce = keep * (lse[:, 0] - z_label) if mix < 1.0 else None
     q_confident = torch.where(confident, q, 0.0)  # q on M; reused by the gradient
-    confident_mass = q_confident.sum(1)
-    mistake_mass = confident_mass - (q_s * s_confident).sum(1)
-    div, g_div = kd_divergence(cfg.kd_type, p, tlp, logq_s, q_s, ranked, fkl)
-    loss = div + lam * mistake_mass
-
-    tail_ratio = torch.zeros_like(fkl)
-    teacher_mass, student_mass = p.sum(1), q_s.sum(1)
-    if cfg.tail_bucket:
-        p_tail = (1.0 - teacher_mass).clamp_min(0.0)
-        q_tail = (1.0 - student_mass).clamp_min(torch.finfo(ctype).tiny)
-        loss = loss + torch.xlogy(p_tail, p_tail) - torch.xlogy(p_tail, q_tail)
-        tail_ratio = p_tail / q_tail
-    if mix < 1.0:
-        loss = mix * loss + (1.0 - mix) * ce
-
+    mistake_mass = q_confident.sum(1) - (q_s * s_confident).sum(1)
+    loss, grad_terms = ckd_row_loss(cfg, tlp, ranked, p, logq_s, q_s, fkl, mistake_mass, ce)
     if grad_scale is None:
         return (loss,), None
 
-    # d loss / d u_v = q_v * (dense + lam*mix*[v in M]) + sparse corrections at
-    # teacher ids and the label, with u = z / T (so a final 1/T).
-    s = grad_scale.to(ctype) / cfg.temperature
-    dense = mix * (-g_div.sum(1) - lam * mistake_mass - tail_ratio * student_mass)
-    if mix < 1.0:
-        dense = dense + (1.0 - mix) * keep
-    dense = dense * s
+    s, dense, at_teacher, at_label = ckd_row_grad(cfg, grad_scale, q_s, s_confident, *grad_terms,
+                                                  keep if mix < 1.0 else None, ctype)
     g = q.mul_(dense[:, None]).addcmul_(q_confident, (mix * lam) * s[:, None])
-    at_teacher = mix * (tail_ratio[:, None] * q_s + g_div - lam * q_s * s_confident)
-    g.scatter_add_(1, ids, at_teacher * s[:, None])
-    if mix < 1.0:
-        g.scatter_add_(1, safe_labels, (-(1.0 - mix) * s * keep)[:, None])
+    g.scatter_add_(1, ids, at_teacher)
+    if at_label is not None:
+        g.scatter_add_(1, safe_labels, at_label)
     if g.data_ptr() != logits.data_ptr():
         logits.copy_(g)
     return (loss,), logits

@@ -56,9 +56,11 @@ from ._torch_rows import (
     _compute_dtype,
     _row_dot,
     _trim_ties,
+    ckd_row_grad,
+    ckd_row_loss,
     ckd_workspace_bytes,
-    kd_divergence,
     logprob_workspace_bytes,
+    teacher_terms,
 )
 from .ckd import _check_ckd_args
 from .logprobs import check_logprob_args
@@ -254,45 +256,23 @@ def _ckd_rows(logits, teacher_ids, teacher_logprobs, labels, grad_scale, *, cfg:
     q_confident.div_(sum_exp)
     lse = row_max + sum_exp.log()
 
-    tlp = teacher_logprobs.to(ctype)
-    ranked = torch.isfinite(tlp)
-    p = torch.where(ranked, tlp.exp(), 0.0)
     logq_s = z_s - lse
-    q_s = torch.where(ranked, logq_s.exp(), 0.0)
-    fkl = torch.where(ranked, p * (tlp - logq_s), 0.0).sum(1)
+    tlp, ranked, p, q_s, fkl = teacher_terms(teacher_logprobs, logq_s, ctype)
     s_confident = (in_m > 0.5) & ranked
-    if mix < 1.0:
-        ce = keep * (lse[:, 0] - z_label[:, 0])
+    ce = keep * (lse[:, 0] - z_label[:, 0]) if mix < 1.0 else None
     mistake_mass = mass_m[:, 0] / sum_exp[:, 0] - (q_s * s_confident).sum(1)
-    div, g_div = kd_divergence(cfg.kd_type, p, tlp, logq_s, q_s, ranked, fkl)
-    loss = div + lam * mistake_mass
-
-    tail_ratio = torch.zeros_like(fkl)
-    student_mass = q_s.sum(1)
-    if cfg.tail_bucket:
-        p_tail = (1.0 - p.sum(1)).clamp_min(0.0)
-        q_tail = (1.0 - student_mass).clamp_min(torch.finfo(ctype).tiny)
-        loss = loss + torch.xlogy(p_tail, p_tail) - torch.xlogy(p_tail, q_tail)
-        tail_ratio = p_tail / q_tail
-    if mix < 1.0:
-        loss = mix * loss + (1.0 - mix) * ce
-
+    loss, grad_terms = ckd_row_loss(cfg, tlp, ranked, p, logq_s, q_s, fkl, mistake_mass, ce)
     if grad_scale is None:
         return (loss,), None
 
-    # As ckd_rows: q_v * (dense + lam*mix*[v in M]) everywhere on this slice, plus the
-    # corrections at the teacher ids and the label this rank owns.
-    s = grad_scale.to(ctype) / cfg.temperature
-    dense = mix * (-g_div.sum(1) - lam * mistake_mass - tail_ratio * student_mass)
-    if mix < 1.0:
-        dense = dense + (1.0 - mix) * keep
-    dense = dense * s
+    # As ckd_rows on this slice, the corrections only at the teacher ids and the label
+    # this rank owns.
+    s, dense, at_teacher, at_label = ckd_row_grad(cfg, grad_scale, q_s, s_confident, *grad_terms,
+                                                  keep if mix < 1.0 else None, ctype)
     g = q.mul_(dense[:, None]).addcmul_(q_confident, (mix * lam) * s[:, None])
-    at_teacher = mix * (tail_ratio[:, None] * q_s + g_div - lam * q_s * s_confident)
-    g.scatter_add_(1, ids, torch.where(owned, at_teacher * s[:, None], 0.0))
-    if mix < 1.0:
-        g.scatter_add_(1, label, torch.where(label_owned, (-(1.0 - mix) * s * keep)[:, None],
-                                             0.0))
+    g.scatter_add_(1, ids, torch.where(owned, at_teacher, 0.0))
+    if at_label is not None:
+        g.scatter_add_(1, label, torch.where(label_owned, at_label, 0.0))
     if g.data_ptr() != logits.data_ptr():
         logits.copy_(g)
     return (loss,), logits
