@@ -124,6 +124,16 @@ class Run:
         evaluate_variant(variant, str(model_dir), self.heldout_path, self.work / "eval",
                          self.cfg["eval"], self.cfg["device"], log=self.log)
 
+    def simrl_model(self) -> Path:
+        """The Sim-RL output; the CKD model itself when no Sim-RL step updated it (every
+        sampled group all right or all wrong: dynamic filtering keeps none, and the stage
+        writes no final/), which the training log shows (groups_kept 0) and the log says."""
+        final = self.work / "student-ckd-simrl" / "final"
+        if final.is_dir():
+            return final
+        self.log("Sim-RL made no update (no group kept): student-ckd-simrl is the CKD model")
+        return self.work / "student-ckd" / "final"
+
     def report(self):
         write_report(self.size, self.cfg, self.work, VARIANTS, self.timings, self.results_dir)
 
@@ -142,8 +152,7 @@ class Run:
             ("student ckd", self.ckd),
             ("eval student-ckd", lambda: self.evaluate("student-ckd", w / "student-ckd" / "final")),
             ("student simrl", self.simrl),
-            ("eval student-ckd-simrl",
-             lambda: self.evaluate("student-ckd-simrl", w / "student-ckd-simrl" / "final")),
+            ("eval student-ckd-simrl", lambda: self.evaluate("student-ckd-simrl", self.simrl_model())),
             ("eval teacher", lambda: self.evaluate("teacher", w / "teacher" / "final")),
             ("eval smollm2-instruct", lambda: self.evaluate("smollm2-instruct", base)),
         ]

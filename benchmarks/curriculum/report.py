@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -40,7 +41,8 @@ def _train_logs(work: Path) -> dict:
         path = work / stage / "train_log.jsonl"
         if path.is_file():
             lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            logs[stage] = [{k: line.get(k) for k in ("step", "loss", "reward_mean", "kl", "seconds")
+            logs[stage] = [{k: line.get(k) for k in ("step", "loss", "reward_mean", "groups_sampled",
+                                                     "groups_kept", "updated", "kl", "seconds")
                             if k in line} for line in lines]
     return logs
 
@@ -57,7 +59,8 @@ def write_report(size: str, cfg: dict, work: Path, variants, timings: dict, resu
         "resume": "rerun the same command: finished steps are skipped, a training stage resumes "
                   "from its last checkpoint",
         "commit": _commit(), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} (shared, loaded CPU machine)".strip(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs".strip(),
+        "load_average_when_written": os.getloadavg(),
         "settings": cfg,
         "data": {"file": "benchmarks/curriculum/data/xlam_rows.jsonl",
                  "train": f"first {cfg['train_rows']} rows", "heldout": f"last {cfg['heldout_rows']} rows"},
@@ -90,6 +93,13 @@ def _markdown(summary: dict) -> str:
                        f"{row['heldout_malformed_fraction']:.0%} | {row['heldout_call_fraction']:.0%} |")
     if summary["missing_variants"]:
         lines += ["", f"Not finished: {', '.join(summary['missing_variants'])}."]
+    simrl = summary["train_logs"].get("student-ckd-simrl")
+    if simrl:
+        kept = ", ".join(f"{line.get('groups_kept')}/{line.get('groups_sampled')}" for line in simrl)
+        updates = sum(1 for line in simrl if line.get("updated"))
+        lines += ["", f"Sim-RL: {len(simrl)} steps, groups kept by dynamic filtering per step: {kept}; "
+                      f"{updates} updated the model"
+                      + ("" if updates else " (so student-ckd-simrl is the CKD model)") + "."]
     lines += ["", "Wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["finished_steps"].items())]
     return "\n".join(lines) + "\n"
 
