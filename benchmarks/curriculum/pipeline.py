@@ -94,7 +94,10 @@ class Run:
     def ckd(self):
         c, k = self.cfg, self.cfg["ckd"]
         cfg = CKDRunConfig(
-            data=DataConfig(path=str(self.train_path), max_length=c["max_length"]),
+            # The template pair (prompt ending "<think>\n", as the evaluation prompts and the
+            # SFT examples do), not the released one (prompt ending "<think>"): a student
+            # trained on the released pair never saw the evaluation's prompt ending.
+            data=DataConfig(path=str(self.train_path), max_length=c["max_length"], format="template"),
             teacher=TeacherConfig(model=ModelSpec(path=str(self.work / "teacher" / "final")), k=k["k"],
                                   batch_size=4, shard_size=32),
             student=StudentConfig(model=ModelSpec(path=str(self.work / "student-init")),
