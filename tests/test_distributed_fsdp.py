@@ -15,17 +15,28 @@ in tests/test_distributed.py.
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+ABORT = "terminate called without an active exception"
 STUDENTS = {"untied": dict(tie=False, checkpointing=False),
             "tied": dict(tie=True, checkpointing=True)}
 TIED = {"lm_head.weight": "model.embed_tokens.weight",
         "model.embed_tokens.weight": "lm_head.weight"}
+
+
+def _failure(out: str, err: str, tmp_path: Path) -> str:
+    """What the torchrun job printed (the CLI reports errors on stdout) and how far each
+    config got: enough to tell a failed step from a crash at exit."""
+    progress = {p.name: sorted(q.name for q in p.rglob("*") if q.is_dir())
+                for p in sorted(tmp_path.glob("fsdp-*"))}
+    return f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}\nfolders: {progress}"
 
 
 def _write_config(path: Path, data: Path, out: Path, *, tie: bool, checkpointing: bool,
@@ -82,7 +93,17 @@ def test_fsdp2_ranks_train_the_weights_of_one_process_and_resume_in_one(tmp_path
     finally:
         if done.poll() is None:
             done.kill()
-    assert done.returncode == 0, err[-4000:]
+    if done.returncode != 0 and ABORT in err:
+        # Known, not understood: under heavy load a gloo rank has (rarely: 3 of ~45 runs on
+        # the 2-core machine) aborted this job with std::terminate. One fresh rerun; its
+        # results are checked exactly as the first run's would be.
+        warnings.warn(f"torchrun job aborted ({ABORT!r}); rerunning it once")
+        for name in STUDENTS:
+            shutil.rmtree(tmp_path / f"fsdp-{name}", ignore_errors=True)
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        out, err = done.stdout, done.stderr
+    assert done.returncode == 0, _failure(out, err, tmp_path)
 
     for name in STUDENTS:
         ours, theirs = tmp_path / f"fsdp-{name}", tmp_path / f"single-{name}"

@@ -40,6 +40,7 @@ different number of forwards on each rank).
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from dataclasses import dataclass
@@ -156,8 +157,18 @@ def current() -> World:
                 if cuda:
                     torch.cuda.set_device(local)
                 dist.init_process_group("nccl" if cuda else "gloo")
+                atexit.register(_leave_process_group)
             _WORLD = World(rank, size, local)
     return _WORLD
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down while the interpreter is whole: left to interpreter
+    shutdown, its backend's threads can be destroyed in any order (gloo on CPU then
+    sometimes aborts a rank at exit). No barrier: after an error the other ranks may be in
+    another collective, and torchrun ends them anyway."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main_only_log(log, world: World):
