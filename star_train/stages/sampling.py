@@ -8,9 +8,10 @@ response the model wrote: what its prompt already holds of the answer (the chat 
 end-of-turn token included, read in the prompts' chat format (``RLPrompt.renderer``).
 
 Under torchrun a caller may pass its ``World``: each rank then samples and scores every
-``world_size``-th chunk (from its rank) on its own device, and one ``all_gather`` gives
-every rank all the scored samples in the chunks' order. A chunk's seed is its own, so the
-result is the one a single process gets, whatever the world size (``split_over_ranks``).
+``world_size``-th chunk (from its rank) on its own device, and an ``all_gather`` per round
+of chunks gives every rank all the scored samples in the chunks' order
+(``runtime.distributed.in_rounds``). A chunk's seed is its own, so the result is the one a
+single process gets, whatever the world size.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from ..chat.templates import QWEN3
 from ..data.prompts import RLPrompt
 from ..reward import similarity_reward
+from ..runtime.distributed import World, in_rounds
 from ..runtime.generation import sample_completions
 
 
@@ -47,9 +49,9 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: 
     module doc); every rank must call this with the same prompts."""
     chunks = [prompts[first:first + chunk_prompts]
               for first in range(0, len(prompts), chunk_prompts)]
-    main = world is None or world.is_main
-    bar = progress or tqdm(total=sum(len(c) for c in _own(world, chunks)), desc="sampling",
-                           unit="prompt", leave=False, mininterval=2, disable=not main)
+    world = world or World()
+    bar = progress or tqdm(total=sum(len(c) for c in world.share(chunks)), desc="sampling",
+                           unit="prompt", leave=False, mininterval=2, disable=not world.is_main)
 
     def run(chunk: int) -> list[tuple]:
         members = chunks[chunk]
@@ -73,27 +75,8 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], *, num_samples: 
         bar.update(len(members))
         return scored
 
-    results = split_over_ranks(world, len(chunks), run)
+    results = [scored for _, scored in in_rounds(world, list(range(len(chunks))), run)]
     if progress is None:
         bar.close()
     return [ScoredSamples(prompt, *result) for members, scored in zip(chunks, results)
             for prompt, result in zip(members, scored)]
-
-
-def _own(world, items: list) -> list:
-    """The items this rank runs in ``split_over_ranks``."""
-    return items if world is None else world.share(items)
-
-
-def split_over_ranks(world, count: int, run) -> list:
-    """``[run(0), ..., run(count - 1)]`` on every rank: each rank runs every
-    ``world_size``-th index from its rank (``World.share``) and one ``all_gather`` of
-    those results (small, picklable, on the CPU) puts them back in index order. Every rank
-    must call it, with the same ``count``. A world of one (or None) runs them all with no
-    collective."""
-    if world is None or not world.enabled:
-        return [run(i) for i in range(count)]
-    merged = {}
-    for part in world.all_gather({i: run(i) for i in world.share(list(range(count)))}):
-        merged.update(part)
-    return [merged[i] for i in range(count)]

@@ -89,7 +89,7 @@ from ..runtime.models import (
 from ..runtime.run_folder import open_run
 from ..runtime.schedule import PromptStream
 from ..runtime.trainer import StepPlan, Trainer
-from .sampling import sample_and_score, split_over_ranks
+from .sampling import sample_and_score
 
 # ---------------------------------------------------------------- config
 
@@ -359,8 +359,9 @@ class SimRLStage:
                 out[field_name] = logps.float().cpu().split([len(s.completion) for s in part])
             return out
 
-        for part, recorded in zip(parts, split_over_ranks(self.trainer.world, len(parts),
-                                                          record)):
+        indices = list(range(len(parts)))
+        for index, recorded in distributed.in_rounds(self.trainer.world, indices, record):
+            part = parts[index]
             for field_name, _ in models:
                 for sample, lp in zip(part, recorded[field_name]):
                     setattr(sample, field_name, lp)
