@@ -6,6 +6,7 @@ what the previous one wrote (records, model folders) and runs to the end.
 
 import json
 
+import pytest
 import torch
 
 from star_train.chat.tokenizer import qwen3_tokenizer
@@ -79,3 +80,39 @@ def test_rollouts_feed_ckd_feeds_simrl_feeds_eval(tmp_path, monkeypatch):
                            max_new_tokens=4, batch_size=2)
     assert {k: v["total"] for k, v in result["categories"].items()} == {"simple": 2,
                                                                         "irrelevance": 2}
+
+
+def test_curriculum_sft_packed_trains_as_padded(tmp_path, monkeypatch):
+    """The curriculum's SFT variant with ``packing``: the same losses, token counts
+    and trained weights as right-padded micro-batches (micro-batches of 2 examples of
+    different lengths)."""
+    from safetensors.torch import load_file
+
+    from benchmarks.curriculum import sft
+    from benchmarks.curriculum.sft import SFTConfig, run_sft
+    from star_train.runtime.config import TrainConfig
+    from train_fixtures import log_lines, weather_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "data.jsonl", weather_records())
+    tokenizer = qwen3_tokenizer()
+    built = []  # the batches the stage builds: one row, no mask, when packed
+    batch_of = sft.example_batch
+    monkeypatch.setattr(sft, "example_batch", lambda *a, **k: built.append(batch_of(*a, **k)) or built[-1])
+    logs, finals = [], []
+    for name, packing in (("padded", False), ("packed", True)):
+        train = TrainConfig(out_dir=str(tmp_path / name), lr=1e-2, micro_batch_size=2,
+                            dtype="float32", device="cpu", seed=3, max_steps=3,
+                            lr_schedule="constant", warmup_ratio=0.0)
+        cfg = SFTConfig(str(data), ModelSpec(**tiny_qwen3(32, 1, seed=8)), train,
+                        batch_size=4, epochs=2, max_length=160, packing=packing)
+        built.clear()
+        run_sft(cfg, tokenizer, log=lambda *_: None)
+        assert all((b["input_ids"].shape[0] == 1 and b["attention_mask"] is None) == packing
+                   for b in built)
+        logs.append(log_lines(tmp_path / name))
+        finals.append(load_file(str(tmp_path / name / "final" / "model.safetensors")))
+    assert [x["tokens"] for x in logs[0]] == [x["tokens"] for x in logs[1]]
+    for x, y in zip(*logs):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    for key, tensor in finals[0].items():
+        torch.testing.assert_close(finals[1][key], tensor, rtol=1e-4, atol=1e-6)

@@ -27,6 +27,7 @@ class SFTConfig:
     batch_size: int
     epochs: int
     max_length: int
+    packing: bool = False  # each micro-batch one padding-free row, as CKD's train.packing
 
     def validate(self):
         if self.batch_size % self.train.micro_batch_size:
@@ -52,7 +53,8 @@ class SFTStage:
                         {"examples": indices})
 
     def micro_loss(self, model, indices):
-        batch = example_batch([self.examples[i] for i in indices], self.pad_id)
+        batch = example_batch([self.examples[i] for i in indices], self.pad_id,
+                              packed=self.cfg.packing)
         rows, targets, weight, bias = predicting_rows(model, batch, self.device)
         logp = sk.fused_linear_logprobs(rows, weight, targets, bias=bias)
         return -logp.sum(), {}
